@@ -1,0 +1,624 @@
+"""Independent analysis of finished (or running) runs: metrics, figures, comparison and significance tests.
+
+    uv run python -m src.evaluate results_dir=<path> run_ids='["run-1", "run-2"]'
+
+Reads each run from its local W&B record under `{results_dir}/wandb/` when there is one (offline runs, and the
+local copy an online run also writes), otherwise through `wandb.Api()` with the entity and project of
+config/config.yaml.  Imports nothing from src/ and no torch: it runs on a CPU machine in about a second.
+
+Writes
+  {results_dir}/{run_id}/metrics.json             history, summary, config and derived metrics of the run
+  {results_dir}/{run_id}/{run_id}_{topic}.pdf      learning_curve, em_vs_time, lr_trajectory, planner_internals
+  {results_dir}/comparison/aggregated_metrics.json primary metric, metrics by run, best proposed/baseline, gap,
+                                                   seed groups, bootstrap CIs, McNemar tests
+  {results_dir}/comparison/comparison_{topic}.pdf  em_bar, em_boxplot, em_vs_time, lr_trajectories
+  {results_dir}/comparison/metrics_table.{csv,md}
+
+A run id also stands for its seed replicates: runs named `<run_id>-seed<N>` found beside it are grouped with it
+(mean, standard deviation and 95% confidence interval across seeds).  A missing run, a run without evaluations,
+a run still in progress or a metric missing in some runs gives one line of explanation; the rest goes on.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRIMARY_METRIC = "Exact-match accuracy at 30 min wall-clock."
+PRIMARY_KEY = "dev_em_at_budget"
+
+# Metric names as train.py logs them (SPEC §11: one set of names).  tests/ checks they match train.py's.
+EM, EM_FLEX, EVAL_AT = "eval/exact_match", "eval/exact_match_flexible", "eval/model_time_s"
+LOSS, LR, TOKENS_PER_S, ELAPSED = "train/loss", "train/lr", "train/tokens_per_s", "time/elapsed_s"
+FINAL_EM, FINAL_EM_FLEX, BEST_EM, AUC = ("final/exact_match", "final/exact_match_flexible", "best/exact_match",
+                                         "final/auc_em_over_b")
+FINAL_CORRECT, PROBLEM_DIGEST = "final/correct_strict", "final/problem_digest"
+ENERGY, PEAK_MEM, CONTAM_EM = "energy/joules", "memory/peak_gib", "contamination/exact_match"
+
+# Summary metrics compared across runs: name in aggregated_metrics.json -> (summary key, higher is better)
+SUMMARY_METRICS = {
+    "dev_em_at_budget": (FINAL_EM, True),
+    "dev_em_flexible_at_budget": (FINAL_EM_FLEX, True),
+    "dev_em_30min": ("final/em_at_30min", True),
+    "dev_em_60min": ("final/em_at_60min", True),
+    "auc_em_over_b": (AUC, True),
+    "best_dev_em": (BEST_EM, True),
+    "energy_joules": (ENERGY, False),
+    "peak_memory_gib": (PEAK_MEM, False),
+    "contamination_em": (CONTAM_EM, True),
+    "budget_minutes": ("budget/minutes", None),
+    "train_steps": ("train/steps", None),
+}
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+class EvaluateError(Exception):
+    """Bad arguments: one line on stderr, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading W&B records
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class RunRecord:
+    run_id: str
+    history: list[dict] = field(default_factory=list)   # one dict per step, keyed by metric name (+ "_step")
+    summary: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    source: str = ""
+    finished: bool = False
+
+
+def read_wandb_file(path: Path) -> tuple[list, dict, dict, bool]:
+    """Parse one `.wandb` transaction log (LevelDB-log framing of protobuf Records): history rows, summary, config,
+    whether the run wrote its exit record.  See the shared notes on W&B offline runs."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    data = path.read_bytes()
+    if len(data) < 7 or data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B record")
+    payloads, pos, block, pending = [], 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - (pos % block)
+        if left < 7:            # block tail padding
+            pos += left
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
+            break               # a torn tail (the run is still writing, or crashed): keep what is complete
+        if kind == 1:
+            payloads.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            payloads.append(pending + chunk)
+            pending = b""
+    history, summary, config, finished = [], {}, {}, False
+    for payload in payloads:
+        record = pb.Record()
+        try:
+            record.ParseFromString(payload)
+        except Exception:
+            continue
+        which = record.WhichOneof("record_type")
+        if which == "history":
+            history.append({_item_key(i): _item_value(i) for i in record.history.item})
+        elif which == "summary":
+            for item in record.summary.update:
+                summary[_item_key(item)] = _item_value(item)
+            for item in record.summary.remove:
+                summary.pop(_item_key(item), None)
+        elif which == "run":
+            for item in record.run.config.update:
+                config[_item_key(item)] = _item_value(item)
+        elif which == "config":
+            for item in record.config.update:
+                config[_item_key(item)] = _item_value(item)
+            for item in record.config.remove:
+                config.pop(_item_key(item), None)
+        elif which == "exit":
+            finished = True
+    config.pop("_wandb", None)
+    return history, summary, config, finished
+
+
+def _item_key(item) -> str:
+    return "/".join(item.nested_key) if item.nested_key else item.key
+
+
+def _item_value(item):
+    kind = item.WhichOneof("value") if "value" in [o.name for o in item.DESCRIPTOR.oneofs] else None
+    if kind and kind != "value_json":
+        return getattr(item, kind)
+    try:
+        return json.loads(item.value_json)
+    except (json.JSONDecodeError, TypeError):
+        return item.value_json
+
+
+_FOLDER_RE = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-(.+?)(?:-(\d+))?$")
+
+
+def run_folders(results_dir: Path) -> list[tuple[str, int, str, Path]]:
+    """(timestamp, same-second counter, run id, folder) of every W&B run folder under results_dir/wandb.
+    W&B names a folder run-<time>-<id> (offline-run-... offline) and appends -1, -2 for another process of the
+    same id within the same second; the .wandb file inside is always run-<id>.wandb."""
+    out = []
+    for folder in (results_dir / "wandb").glob("*run-*"):
+        match = _FOLDER_RE.match(folder.name)
+        if not match or not folder.is_dir():
+            continue
+        stamp, rest, counter = match.group(1), match.group(2), match.group(3)
+        for run_id, n in ((f"{rest}-{counter}", 0), (rest, int(counter or 0))) if counter else ((rest, 0),):
+            if (folder / f"run-{run_id}.wandb").is_file():
+                out.append((stamp, n, run_id, folder))
+                break
+    return sorted(out)
+
+
+def local_segments(results_dir: Path, run_id: str) -> list[Path]:
+    """The run's `.wandb` files, oldest first (a resumed run has one per process)."""
+    return [folder / f"run-{run_id}.wandb" for _, _, rid, folder in run_folders(results_dir) if rid == run_id]
+
+
+def merge_segments(segments: list[tuple[list, dict, dict, bool]]) -> tuple[list, dict, dict, bool]:
+    """Join the records of one run id written by successive processes.  A later segment that starts at step s0
+    supersedes every earlier row at step ≥ s0 (a resume re-trains from its checkpoint; a fresh start at step 0
+    replaces everything), so the merged history has no gap and no duplicate step."""
+    rows: dict[int, dict] = {}
+    summary, config, finished = {}, {}, False
+    for history, seg_summary, seg_config, seg_finished in segments:
+        steps = [int(r["_step"]) for r in history if "_step" in r]
+        if steps:
+            start = min(steps)
+            rows = {s: r for s, r in rows.items() if s < start}
+            if start == 0:
+                summary = {}
+        for row in history:
+            if "_step" in row:
+                rows.setdefault(int(row["_step"]), {}).update(row)
+        summary.update(seg_summary)
+        config = seg_config or config
+        finished = seg_finished
+    return [rows[s] for s in sorted(rows)], summary, config, finished
+
+
+def load_run(results_dir: Path, run_id: str, entity, project) -> RunRecord | str:
+    """A RunRecord, or a one-line reason it could not be read."""
+    files = local_segments(results_dir, run_id)
+    if files:
+        segments = []
+        for f in files:
+            try:
+                segments.append(read_wandb_file(f))
+            except (OSError, ValueError) as err:
+                return f"{run_id}: cannot read {f} ({err})"
+        history, summary, config, finished = merge_segments(segments)
+        return RunRecord(run_id, history, summary, config, f"local W&B record ({len(files)} file(s))", finished)
+    try:
+        import wandb
+        api = wandb.Api(timeout=20)
+        path = f"{entity or api.default_entity}/{project}/{run_id}"
+        run = api.run(path)
+        history = [dict(row) for row in run.scan_history()]
+        return RunRecord(run_id, history, dict(run.summary._json_dict), dict(run.config), f"W&B API ({path})",
+                         run.state == "finished")
+    except Exception as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        return (f"{run_id}: no local W&B record under {results_dir / 'wandb'} and the W&B API could not provide it "
+                f"({first}); check the run id, or sync the run")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Derived metrics
+# ----------------------------------------------------------------------------------------------------
+def series(history: list[dict], y: str, x: str = "_step") -> tuple[list[float], list[float]]:
+    pts = [(float(r[x]), float(r[y])) for r in history if _num(r.get(x)) and _num(r.get(y))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def auc_over_budget(points: list[tuple[float, float]], budget_s: float) -> float | None:
+    """(1/B)∫_0^B EM(t) dt with EM linear between evaluations and held after the last (as train.py computes it)."""
+    if not points or budget_s <= 0:
+        return None
+    pts = sorted(points)
+    area, (t_prev, e_prev) = pts[0][0] * pts[0][1], pts[0]
+    for t, e in pts[1:]:
+        area += (t - t_prev) * (e + e_prev) / 2
+        t_prev, e_prev = t, e
+    return (area + max(budget_s - t_prev, 0.0) * e_prev) / budget_s
+
+
+def derived_metrics(rec: RunRecord) -> dict:
+    """The comparison metrics of one run; absent values are None (never 0)."""
+    out = {}
+    for name, (key, _) in SUMMARY_METRICS.items():
+        value = rec.summary.get(key)
+        out[name] = float(value) if _num(value) else None
+    if out["auc_em_over_b"] is None and out["budget_minutes"]:
+        t, em = series(rec.history, EM, EVAL_AT)
+        out["auc_em_over_b"] = auc_over_budget(list(zip(t, em)), 60 * out["budget_minutes"])
+    _, tps = series(rec.history, TOKENS_PER_S)
+    out["tokens_per_s"] = sum(tps) / len(tps) if tps else None
+    return out
+
+
+def bootstrap_ci(correct: list[int], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of EM (percent) over problems."""
+    import numpy as np
+    arr = np.asarray(correct, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, len(arr), size=(resamples, len(arr)))].mean(1) * 100
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def mcnemar_test(a: list[int], b: list[int]) -> dict:
+    """McNemar's test on paired per-problem correctness: exact binomial test when the discordant pairs are few
+    (< 25), the chi-square test with continuity correction otherwise (statsmodels)."""
+    from statsmodels.stats.contingency_tables import mcnemar
+    both = sum(1 for x, y in zip(a, b) if x and y)
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    neither = len(a) - both - only_a - only_b
+    exact = only_a + only_b < 25
+    result = mcnemar([[both, only_a], [only_b, neither]], exact=exact, correction=True)
+    return {"n": len(a), "both_correct": both, "only_first": only_a, "only_second": only_b, "neither": neither,
+            "statistic": float(result.statistic), "p_value": float(result.pvalue),
+            "test": "exact binomial" if exact else "chi-square with continuity correction"}
+
+
+def seed_stats(values: list[float]) -> dict:
+    """Mean, sample standard deviation and a 95% t-interval across seeds."""
+    from scipy import stats
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"n": n, "mean": mean, "std": None, "ci95": None}
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
+
+
+def is_proposed(run_id: str) -> bool:
+    return "proposed" in run_id
+
+
+def is_baseline(run_id: str) -> bool:
+    return "comparative" in run_id or "baseline" in run_id
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def run_figures(rec: RunRecord, out: Path) -> list[Path]:
+    plt = _plt()
+    paths = []
+    step, loss = series(rec.history, LOSS)
+    e_step, em = series(rec.history, EM)
+    if step or e_step:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if step:
+            ax.plot(step, loss, color="tab:blue", lw=0.8, label="train loss (answer tokens)")
+            ax.set_ylabel("train loss")
+        ax.set_xlabel("optimiser step")
+        if e_step:
+            ax2 = ax.twinx()
+            ax2.plot(e_step, em, "o-", color="tab:red", label="dev EM strict (%)")
+            ax2.set_ylabel("dev EM strict (%)")
+            ax2.annotate(f"{em[-1]:.1f}%", (e_step[-1], em[-1]), textcoords="offset points", xytext=(-10, 8))
+            handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+            ax.legend(handles, [h.get_label() for h in handles], loc="center right")
+        ax.set_title(f"Learning curve: {rec.run_id}")
+        paths.append(_save(fig, out / f"{rec.run_id}_learning_curve.pdf"))
+    t, em_t = series(rec.history, EM, EVAL_AT)
+    _, flex_t = series(rec.history, EM_FLEX, EVAL_AT)
+    if t:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([x / 60 for x in t], em_t, "o-", label="strict (#### N)")
+        if len(flex_t) == len(t):
+            ax.plot([x / 60 for x in t], flex_t, "s--", alpha=0.7, label="flexible (last number)")
+        budget = rec.summary.get("budget/minutes")
+        if _num(budget):
+            ax.axvline(budget, color="grey", ls=":", label=f"budget B = {budget:g} min")
+        ax.set_xlabel("wall-clock time of the evaluated model (min)")
+        ax.set_ylabel("dev exact match (%)")
+        ax.set_title(f"EM against wall-clock time: {rec.run_id}")
+        ax.legend()
+        paths.append(_save(fig, out / f"{rec.run_id}_em_vs_time.pdf"))
+    t_lr, lr = series(rec.history, LR, ELAPSED)
+    if t_lr:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([x / 60 for x in t_lr], lr, lw=0.9)
+        ax.set_yscale("log")
+        ax.set_xlabel("wall-clock time (min)")
+        ax.set_ylabel("learning rate η_t")
+        ax.set_title(f"LR trajectory: {rec.run_id}")
+        paths.append(_save(fig, out / f"{rec.run_id}_lr_trajectory.pdf"))
+    keys = sorted({k for r in rec.history for k in r if k.startswith("planner/") and _num(r[k])})
+    if keys:
+        cols = 3
+        rows = math.ceil(len(keys) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(12, 2.6 * rows), squeeze=False)
+        for ax, key in zip(axes.flat, keys):
+            x, y = series(rec.history, key)
+            ax.plot(x, y, lw=0.8)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+        for ax in list(axes.flat)[len(keys):]:
+            ax.axis("off")
+        fig.suptitle(f"Planner internals: {rec.run_id}")
+        paths.append(_save(fig, out / f"{rec.run_id}_planner_internals.pdf"))
+    return paths
+
+
+def comparison_figures(records: dict[str, list[RunRecord]], primary: dict[str, dict], out: Path) -> list[Path]:
+    plt = _plt()
+    paths = []
+    ids = [r for r in records if primary.get(r, {}).get("value") is not None]
+    colors = {r: ("tab:red" if is_proposed(r) else "tab:blue" if is_baseline(r) else "tab:grey") for r in records}
+    if ids:
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(ids)), 4.5))
+        values = [primary[r]["value"] for r in ids]
+        lows = [values[i] - (primary[r]["ci95"] or [values[i]] * 2)[0] for i, r in enumerate(ids)]
+        highs = [(primary[r]["ci95"] or [values[i]] * 2)[1] - values[i] for i, r in enumerate(ids)]
+        ax.bar(range(len(ids)), values, color=[colors[r] for r in ids], yerr=[lows, highs], capsize=4)
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.1f}", (i, v), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
+        ax.set_xticks(range(len(ids)), ids, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel("dev EM strict at the budget (%)")
+        ax.set_title("EM at the budget (95% CI: seeds if several, else bootstrap over problems)")
+        paths.append(_save(fig, out / "comparison_em_bar.pdf"))
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(ids)), 4.5))
+        data = [primary[r]["seed_values"] for r in ids]
+        ax.boxplot(data, tick_labels=ids)
+        for i, vals in enumerate(data, start=1):
+            ax.scatter([i] * len(vals), vals, color=colors[ids[i - 1]], zorder=3, s=14)
+        ax.set_xticks(range(1, len(ids) + 1), ids, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel("dev EM strict at the budget (%)")
+        ax.set_title("EM at the budget across seeds (points: seeds)")
+        paths.append(_save(fig, out / "comparison_em_boxplot.pdf"))
+    for topic, (y, x, ylabel, logy) in {"em_vs_time": (EM, EVAL_AT, "dev EM strict (%)", False),
+                                        "lr_trajectories": (LR, ELAPSED, "learning rate η_t", True)}.items():
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        drawn = 0
+        for run_id, recs in records.items():
+            for k, rec in enumerate(recs):
+                xs, ys = series(rec.history, y, x)
+                if xs:
+                    ax.plot([v / 60 for v in xs], ys, "o-" if y == EM else "-", ms=3, lw=1, alpha=0.85,
+                            color=colors[run_id] if len(records) <= 2 else None,
+                            label=rec.run_id if k == 0 or len(recs) == 1 else None)
+                    drawn += 1
+        if drawn:
+            ax.set_xlabel("wall-clock time (min)")
+            ax.set_ylabel(ylabel)
+            if logy:
+                ax.set_yscale("log")
+            ax.set_title("EM against wall-clock time, all runs" if y == EM else "LR trajectories, all runs")
+            ax.legend(fontsize=7, ncol=2)
+            paths.append(_save(fig, out / f"comparison_{topic}.pdf"))
+        else:
+            plt.close(fig)
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# The analysis
+# ----------------------------------------------------------------------------------------------------
+def replicate_ids(results_dir: Path, run_id: str) -> list[str]:
+    """The run id itself and its `-seed<N>` replicates recorded locally."""
+    seeds = sorted({rid for _, _, rid, _ in run_folders(results_dir)
+                    if re.fullmatch(rf"{re.escape(run_id)}-seed\d+", rid)})
+    return [run_id] + seeds
+
+
+def analyse(results_dir: Path, run_ids: list[str]) -> dict:
+    import yaml
+    base = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    entity, project = base["wandb"].get("entity"), base["wandb"]["project"]
+    comparison = results_dir / "comparison"
+    comparison.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    records: dict[str, list[RunRecord]] = {}
+    metrics: dict[str, dict[str, float]] = {}
+    primary: dict[str, dict] = {}
+    for run_id in run_ids:
+        recs = []
+        for rid in replicate_ids(results_dir, run_id):
+            loaded = load_run(results_dir, rid, entity, project)
+            if isinstance(loaded, str):
+                if rid == run_id and len(replicate_ids(results_dir, run_id)) == 1:
+                    notes.append(loaded)
+                    print(f"skipped: {loaded}")
+                continue
+            recs.append(loaded)
+        if not recs:
+            continue
+        records[run_id] = recs
+        out = results_dir / run_id
+        out.mkdir(parents=True, exist_ok=True)
+        per_seed = {r.run_id: derived_metrics(r) for r in recs}
+        main_rec = recs[0]
+        status = "finished" if main_rec.finished and FINAL_EM in main_rec.summary else \
+            "in_progress" if not main_rec.finished else "finished_without_final_evaluation"
+        if not series(main_rec.history, EM)[0]:
+            notes.append(f"{run_id}: no evaluation logged yet ({status})")
+            print(f"note: {run_id} has no evaluation logged yet ({status}); its EM metrics are absent")
+        elif status != "finished":
+            notes.append(f"{run_id}: {status}; its metrics are provisional")
+            print(f"note: {run_id} is {status.replace('_', ' ')}; metrics are provisional")
+        combined = {}
+        for name in per_seed[main_rec.run_id]:
+            values = [m[name] for m in per_seed.values() if m.get(name) is not None]
+            combined[name] = sum(values) / len(values) if values else None
+            if values:
+                metrics.setdefault(name, {})[run_id] = combined[name]
+        seed_values = [m[PRIMARY_KEY] for m in per_seed.values() if m.get(PRIMARY_KEY) is not None]
+        entry = {"value": combined.get(PRIMARY_KEY), "seed_values": seed_values, "ci95": None, "ci_method": None}
+        if len(seed_values) >= 2:
+            entry.update(seed_stats(seed_values), ci_method="t-interval across seeds")
+            entry["value"] = entry["mean"]
+        elif isinstance(main_rec.summary.get(FINAL_CORRECT), str) and main_rec.summary[FINAL_CORRECT]:
+            correct = [int(c) for c in main_rec.summary[FINAL_CORRECT]]
+            entry["ci95"], entry["ci_method"] = list(bootstrap_ci(correct)), \
+                f"bootstrap over {len(correct)} problems ({BOOTSTRAP_RESAMPLES} resamples)"
+        primary[run_id] = entry
+        figures = run_figures(main_rec, out)
+        payload = {"run_id": run_id, "status": status, "source": main_rec.source, "metrics": combined,
+                   "seeds": per_seed if len(recs) > 1 else None, "primary": entry,
+                   "summary": main_rec.summary, "config": main_rec.config, "history": main_rec.history,
+                   "figures": [p.name for p in figures]}
+        (out / "metrics.json").write_text(json.dumps(payload, indent=2, default=str))
+        print(f"{run_id}: {status} | EM at budget {_fmt(entry['value'])} | {len(figures)} figures -> {out}")
+
+    def best(select) -> dict | None:
+        cands = [(r, e["value"]) for r, e in primary.items() if select(r) and e["value"] is not None]
+        if not cands:
+            return None
+        run_id, value = max(cands, key=lambda c: c[1])     # EM: higher is better
+        return {"run_id": run_id, "value": value}
+
+    best_p, best_b = best(is_proposed), best(is_baseline)
+    if best_p is None:
+        notes.append("no proposed run (run id containing 'proposed') with a final EM: best_proposed and gap are null")
+    if best_b is None:
+        notes.append("no baseline run (run id containing 'comparative' or 'baseline') with a final EM: "
+                     "best_baseline and gap are null")
+    gap = None
+    if best_p and best_b:
+        if best_b["value"] == 0:
+            notes.append("best baseline EM is 0: the relative gap is undefined (null)")
+        else:
+            gap = (best_p["value"] - best_b["value"]) / best_b["value"] * 100   # EM is maximised: sign as is
+    significance = significance_tests(records, best_p, notes)
+    budgets = metrics.get("budget_minutes", {})
+    aggregated = {
+        "primary_metric": PRIMARY_METRIC,
+        "metrics": metrics,
+        "best_proposed": best_p,
+        "best_baseline": best_b,
+        "gap": gap,
+        "primary_metric_key": PRIMARY_KEY,
+        "primary_metric_note": ("value compared: strict dev EM (percent) at each run's own budget B; "
+                                + ("budgets (min): " + ", ".join(f"{r}={v:g}" for r, v in budgets.items())
+                                   if budgets else "budgets unknown")
+                                + "; the mean across seeds where a run has several"),
+        "seed_groups": {r: {k: v for k, v in e.items() if k != "value"} for r, e in primary.items()},
+        "significance": significance,
+        "notes": notes,
+    }
+    (comparison / "aggregated_metrics.json").write_text(json.dumps(aggregated, indent=2))
+    write_table(metrics, comparison)
+    figs = comparison_figures(records, primary, comparison)
+    print(f"comparison: {len(records)} runs, {len(figs)} figures -> {comparison}")
+    if best_p and best_b:
+        print(f"best proposed {best_p['run_id']} {best_p['value']:.2f}% vs best baseline {best_b['run_id']} "
+              f"{best_b['value']:.2f}%: gap {_fmt(gap)}%")
+    return aggregated
+
+
+def significance_tests(records: dict[str, list[RunRecord]], best_p: dict | None, notes: list[str]) -> dict:
+    """McNemar between the best proposed run and each baseline on the final evaluation's per-problem correctness
+    (first seed of each), when both evaluated the same problems in the same order."""
+    out = {"mcnemar_vs_best_proposed": {}}
+    if best_p is None:
+        return out
+    ref = records[best_p["run_id"]][0].summary
+    ref_bits, ref_digest = ref.get(FINAL_CORRECT), ref.get(PROBLEM_DIGEST)
+    if not isinstance(ref_bits, str):
+        notes.append(f"{best_p['run_id']}: no per-problem record; McNemar tests skipped")
+        return out
+    for run_id, recs in records.items():
+        if not is_baseline(run_id):
+            continue
+        summary = recs[0].summary
+        bits = summary.get(FINAL_CORRECT)
+        if not isinstance(bits, str) or summary.get(PROBLEM_DIGEST) != ref_digest or len(bits) != len(ref_bits):
+            notes.append(f"{run_id}: not evaluated on the same problems as {best_p['run_id']}; no McNemar test")
+            continue
+        test = mcnemar_test([int(c) for c in ref_bits], [int(c) for c in bits])
+        test["pair"] = [best_p["run_id"], run_id]
+        out["mcnemar_vs_best_proposed"][run_id] = test
+    return out
+
+
+def write_table(metrics: dict[str, dict[str, float]], out: Path) -> None:
+    names = list(metrics)
+    runs = sorted({r for m in metrics.values() for r in m})
+    rows = [[r] + [_fmt(metrics[n].get(r)) for n in names] for r in runs]
+    (out / "metrics_table.csv").write_text("\n".join(",".join(row) for row in [["run_id"] + names] + rows) + "\n")
+    md = ["| run_id | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
+    (out / "metrics_table.md").write_text("\n".join(md) + "\n")
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
+    args = {}
+    for arg in argv:
+        if "=" not in arg:
+            raise EvaluateError(f"argument '{arg}' is not key=value: use results_dir=<path> run_ids='[\"id-1\", ...]'")
+        key, value = arg.split("=", 1)
+        if key not in ("results_dir", "run_ids"):
+            raise EvaluateError(f"unknown argument '{key}': use results_dir=<path> run_ids='[\"id-1\", ...]'")
+        args[key] = value
+    missing = [k for k in ("results_dir", "run_ids") if k not in args]
+    if missing:
+        raise EvaluateError(f"missing {' and '.join(missing)}: use results_dir=<path> run_ids='[\"id-1\", ...]'")
+    try:
+        run_ids = json.loads(args["run_ids"])
+    except json.JSONDecodeError:
+        raise EvaluateError(f"run_ids={args['run_ids']} is not a JSON list: quote it, e.g. "
+                            f"run_ids='[\"proposed-iter1-tiny-synthetic\"]'") from None
+    if not isinstance(run_ids, list) or not run_ids or not all(isinstance(r, str) and r for r in run_ids):
+        raise EvaluateError("run_ids must be a non-empty JSON list of run id strings, e.g. run_ids='[\"id-1\"]'")
+    results_dir = Path(args["results_dir"]).expanduser()
+    if not results_dir.is_dir():
+        raise EvaluateError(f"results_dir={results_dir} does not exist: give the folder the training runs used")
+    return results_dir, list(dict.fromkeys(run_ids))
+
+
+def main() -> None:
+    try:
+        results_dir, run_ids = parse_args(sys.argv[1:])
+        analyse(results_dir, run_ids)
+    except EvaluateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,537 @@
+"""Data: GSM8K and the embedded synthetic task, prompts, batching, answer extraction and exact match.
+
+Sections
+  1. Errors the user can fix (``UserError``)
+  2. Answer extraction and exact match (lm-evaluation-harness rules)
+  3. The embedded synthetic GSM8K-format task
+  4. Loading rows: hub datasets, local JSONL folders, the synthetic task
+  5. Prompts and tokenisation (loss on answer tokens only)
+  6. Training stream: shuffling, length bucketing, micro-batches, resumable position
+  7. Evaluation problems and generation batches
+
+Every data set, hub or local, is read through Hugging Face ``datasets`` (map-style or streaming), so the
+embedded default exercises the same path as GSM8K.  Rows are validated one by one: a bad training row is
+skipped and counted (the count is logged), a bad evaluation row is refused with its file and line named.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+
+if TYPE_CHECKING:   # torch is imported where it is used, so that the entry point reports config errors fast
+    import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_DIR = REPO_ROOT / ".cache"          # every data set and model is cached here (SPEC §2)
+SYNTHETIC = "synthetic"                   # dataset.name of the embedded generator
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Errors the user can fix
+# ----------------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """A problem with the user's input (config, files, network).  The entry points print its message as one
+    line on stderr and exit non-zero, with no traceback.  The message names the problem and the fix."""
+
+
+def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    """One TCP connect, so that a missing network fails in seconds instead of a long retry loop."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "")
+    if endpoint:
+        host = re.sub(r"^https?://", "", endpoint).split("/")[0].split(":")[0]
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Answer extraction and exact match
+# ----------------------------------------------------------------------------------------------------
+# The rules of lm-evaluation-harness's gsm8k task: "strict-match" takes the first "#### N"; "flexible-extract"
+# takes the last number anywhere.  Both sides are compared as strings after removing ",", "$", everything up to
+# "#### " and one trailing ".", ignoring case.  As in the harness, "18.00" and "18" are different answers.
+STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_IGNORE_RES = [re.compile(r","), re.compile(r"\$"), re.compile(r"(?s).*#### "), re.compile(r"\.$")]
+INVALID = "[invalid]"
+
+
+def extract_strict(completion: str) -> str:
+    """The number after the first '#### ' in a completion, or '[invalid]'."""
+    match = STRICT_RE.search(completion)
+    return match.group(1).strip() if match else INVALID
+
+
+def extract_flexible(completion: str) -> str:
+    """The last number in a completion (either alternative of the harness's regex), or '[invalid]'."""
+    matches = FLEXIBLE_RE.findall(completion)
+    if not matches:
+        return INVALID
+    groups = [g for g in matches[-1] if g]
+    return groups[0].strip() if groups else INVALID
+
+
+def normalise_answer(text: str) -> str:
+    for pattern in _IGNORE_RES:
+        text = pattern.sub("", text)
+    return text.strip().lower()
+
+
+def gold_answer(solution: str) -> str | None:
+    """The normalised final answer of a GSM8K-format solution ('... #### 1,234' -> '1234'), or None."""
+    if extract_strict(solution) == INVALID:
+        return None
+    answer = normalise_answer(solution)
+    return answer or None
+
+
+def exact_match(completion: str, gold: str) -> tuple[bool, bool]:
+    """(strict, flexible) correctness of one completion against a normalised gold answer."""
+    strict = extract_strict(completion)
+    flexible = extract_flexible(completion)
+    return (strict != INVALID and normalise_answer(strict) == gold,
+            flexible != INVALID and normalise_answer(flexible) == gold)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The embedded synthetic task
+# ----------------------------------------------------------------------------------------------------
+# Word problems in GSM8K form: a question, one line of working per step, then "#### N".  `difficulty` is the
+# number of arithmetic steps; numbers never go negative.  Deterministic given (seed, sizes, difficulty).
+SYNTHETIC_VERSION = 1   # bump when the generator changes, so cached files are rebuilt
+_NAMES = [("Max", "he"), ("Lena", "she"), ("Omar", "he"), ("Sofia", "she"), ("Ravi", "he"), ("Mia", "she"),
+          ("Tom", "he"), ("Aiko", "she"), ("Ben", "he"), ("Nora", "she"), ("Ivan", "he"), ("Zoe", "she")]
+_OBJECTS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps", "cookies"]
+_GAIN = ["finds {n} more", "buys {n} more", "gets {n} more", "is given {n} more"]
+_LOSE = ["loses {n}", "gives away {n}", "sells {n}", "uses {n}"]
+
+
+def synthetic_problem(rng: random.Random, difficulty: int) -> dict:
+    name, pronoun = rng.choice(_NAMES)
+    thing = rng.choice(_OBJECTS)
+    top = 20 if difficulty <= 1 else 50
+    value = rng.randint(0, top)
+    sentences = [f"{name} has {value} {thing}."]
+    lines = []
+    for step in range(difficulty):
+        gain = value == 0 or rng.random() < 0.5
+        n = rng.randint(1, top) if gain else rng.randint(0, value)
+        verb = (rng.choice(_GAIN) if gain else rng.choice(_LOSE)).format(n=n)
+        lead = pronoun.capitalize() if step == 0 else f"Then {pronoun}"
+        sentences.append(f"{lead} {verb}.")
+        new = value + n if gain else value - n
+        lines.append(f"{value} {'+' if gain else '-'} {n} = {new}")
+        value = new
+    question = " ".join(sentences) + f" How many {thing} does {pronoun} have now?"
+    return {"question": question, "answer": "\n".join(lines) + f"\n#### {value}"}
+
+
+def synthetic_dir(train_size: int, test_size: int, difficulty: int, seed: int) -> Path:
+    """Write (once) and return a folder holding train.jsonl and test.jsonl of the synthetic task.
+
+    Test questions are drawn first; training questions that repeat a test question's text are dropped, so the
+    test set is unseen text (the arithmetic facts may still overlap, as in any such task)."""
+    key = f"v{SYNTHETIC_VERSION}-d{difficulty}-n{train_size}-t{test_size}-s{seed}"
+    folder = CACHE_DIR / "synthetic" / key
+    if (folder / "train.jsonl").is_file() and (folder / "test.jsonl").is_file():
+        return folder
+    rng = random.Random(seed)
+    test, seen = [], set()
+    while len(test) < test_size:
+        row = synthetic_problem(rng, difficulty)
+        if row["question"] not in seen:
+            seen.add(row["question"])
+            test.append(row)
+    train, attempts = [], 0
+    while len(train) < train_size and attempts < 50 * train_size:
+        attempts += 1
+        row = synthetic_problem(rng, difficulty)
+        if row["question"] not in seen:
+            train.append(row)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", train), ("test", test)):
+        tmp = folder / f"{split}.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(folder / f"{split}.jsonl")
+    return folder
+
+
+def synthetic_corpus(n: int = 4000, difficulty: int = 3, seed: int = 12345) -> list[str]:
+    """Text for training the embedded tokenizer: synthetic problems of all difficulties."""
+    rng = random.Random(seed)
+    rows = [synthetic_problem(rng, 1 + i % difficulty) for i in range(n)]
+    return [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Loading rows
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Problem:
+    """One validated row.  `index` is its position in the split (stable order: paired tests rely on it)."""
+    index: int
+    question: str
+    solution: str
+    gold: str
+
+
+def validate_row(row: dict) -> Problem | str:
+    """A Problem, or the reason the row is unusable."""
+    question, solution = row.get("question"), row.get("answer")
+    if not isinstance(question, str) or not question.strip():
+        return "missing or empty 'question'"
+    if not isinstance(solution, str) or not solution.strip():
+        return "missing or empty 'answer'"
+    gold = gold_answer(solution)
+    if gold is None:
+        return "'answer' has no '#### N' final answer"
+    return Problem(-1, question.strip(), solution.strip(), gold)
+
+
+def read_jsonl_problems(path: Path, what: str) -> list[Problem]:
+    """Read and validate a GSM8K-format JSONL file, refusing the first bad row by file and line."""
+    if not path.is_file():
+        raise UserError(f"{what} file {path} does not exist: give the path of a GSM8K-format JSONL file "
+                        f"(one {{\"question\", \"answer\"}} object per line)")
+    problems = []
+    with path.open() as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({err.msg}); fix or remove the line") from None
+            checked = validate_row(row if isinstance(row, dict) else {})
+            if isinstance(checked, str):
+                raise UserError(f"{path}:{line_no}: {checked}; every row needs a 'question' and an 'answer' "
+                                f"ending in '#### N'")
+            problems.append(Problem(len(problems), checked.question, checked.solution, checked.gold))
+    if not problems:
+        raise UserError(f"{what} file {path} holds no rows; give a GSM8K-format JSONL file")
+    return problems
+
+
+def local_split_file(name: str, split: str) -> Path | None:
+    """`dataset.name` may be a local folder holding `<split>.jsonl` files (GSM8K format)."""
+    folder = Path(name).expanduser()
+    if not folder.is_absolute():
+        folder = (REPO_ROOT / folder) if (REPO_ROOT / folder).exists() else folder.resolve()
+    if folder.is_dir():
+        path = folder / f"{split}.jsonl"
+        if not path.is_file():
+            raise UserError(f"dataset folder {folder} has no {split}.jsonl; add it or change dataset.*_split")
+        return path
+    if folder.suffix == ".jsonl" or folder.exists():
+        raise UserError(f"dataset.name={name} must be a hub name, '{SYNTHETIC}', or a folder holding "
+                        f"<split>.jsonl files")
+    return None
+
+
+def dataset_source(ds_cfg) -> tuple[str, dict]:
+    """Resolve dataset.name to arguments of datasets.load_dataset: ('json', {data_files}) or (hub name, {})."""
+    if ds_cfg.name == SYNTHETIC:
+        syn = ds_cfg.synthetic
+        folder = synthetic_dir(syn.train_size, syn.test_size, syn.difficulty, syn.seed)
+        return "json", {"data_files": {s: str(folder / f"{s}.jsonl") for s in ("train", "test")}}
+    files = {}
+    for split in {ds_cfg.train_split, ds_cfg.eval_split}:
+        path = local_split_file(ds_cfg.name, split)
+        if path is not None:
+            files[split] = str(path)
+    if files:
+        return "json", {"data_files": files}
+    return ds_cfg.name, {"name": ds_cfg.config_name}
+
+
+def is_hub_name(name: str) -> bool:
+    """True when a model or data set name can only come from the hub (not embedded, not a local path)."""
+    return name not in (SYNTHETIC, "embedded") and not Path(name).expanduser().exists() \
+        and not (REPO_ROOT / name).exists()
+
+
+def prepare_hub_access(names: Sequence[str]) -> bool:
+    """Probe the hub once, before transformers/datasets are imported, when any name needs it.
+
+    Unreachable -> HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1, so cached hub files still load and anything
+    else fails at once (no long retry loop).  Returns whether the hub is usable."""
+    if not any(is_hub_name(n) for n in names):
+        return False
+    if hub_reachable():
+        return True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    return False
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def load_rows(ds_cfg, split: str, streaming: bool):
+    """A `datasets` Dataset (map-style) or IterableDataset (streaming) of raw rows, cached in .cache/."""
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    path, kwargs = dataset_source(ds_cfg)
+    cache = str(CACHE_DIR / "datasets")
+    if path != "json" and streaming and hub_offline():
+        raise UserError(f"dataset.streaming=true reads '{path}' from the Hugging Face hub, which is unreachable: "
+                        f"set dataset.streaming=false to use a cached copy, or run with network access")
+    try:
+        return datasets.load_dataset(path, split=split, streaming=streaming, cache_dir=cache, **kwargs)
+    except Exception as err:
+        if path != "json" and hub_offline():
+            raise UserError(f"data set '{path}' is not cached in {cache} and the Hugging Face hub is unreachable: "
+                            f"run once with network access, or set dataset.name to a local folder of "
+                            f"<split>.jsonl files") from None
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"could not load data set '{path}' split '{split}': {first}; check dataset.name, "
+                        f"dataset.config_name and the split names") from None
+
+
+def load_problems(ds_cfg, split: str, limit: int | None = None) -> list[Problem]:
+    """All (or the first `limit`) problems of an evaluation split, in dataset order; a bad row is refused."""
+    path, kwargs = dataset_source(ds_cfg)
+    if path == "json":   # local file: validate with file and line named
+        problems = read_jsonl_problems(Path(kwargs["data_files"][split]), f"{split} split")
+        return problems[:limit] if limit else problems
+    rows = load_rows(ds_cfg, split, streaming=False)
+    problems = []
+    for index, row in enumerate(rows):
+        checked = validate_row(row)
+        if isinstance(checked, str):
+            raise UserError(f"{ds_cfg.name} split '{split}' row {index}: {checked}")
+        problems.append(Problem(index, checked.question, checked.solution, checked.gold))
+        if limit and len(problems) >= limit:
+            break
+    return problems
+
+
+def problem_set_digest(problems: Sequence[Problem]) -> str:
+    """A short fingerprint of an evaluation set and its order: paired tests compare runs only when it matches."""
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(p.question.encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Prompts and tokenisation
+# ----------------------------------------------------------------------------------------------------
+class PromptFormat:
+    """Turns a question into prompt token ids and a solution into target ids.
+
+    With a chat template (Qwen3, Mistral-Instruct) the question is the user turn and the target is the assistant
+    turn (Qwen3's thinking block disabled); without one (the embedded tokenizer) it is "Question: ...\\nAnswer:"
+    as in lm-evaluation-harness.  Prompt and target are tokenised separately and concatenated, so the boundary
+    between ignored and trained tokens is exact and the evaluation prompt is the training prompt."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.eos = tokenizer.eos_token or ""
+
+    def prompt_text(self, question: str) -> str:
+        if self.chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                      add_generation_prompt=True, enable_thinking=False)
+        return f"Question: {question}\nAnswer:"
+
+    def target_text(self, solution: str) -> str:
+        return (solution if self.chat else " " + solution) + self.eos
+
+    def encode_prompts(self, questions: Sequence[str]) -> list[list[int]]:
+        texts = [self.prompt_text(q) for q in questions]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def encode_examples(self, rows: Sequence[Problem]) -> list[tuple[list[int], int]]:
+        """(prompt + target ids, number of prompt tokens) per row."""
+        prompts = self.encode_prompts([r.question for r in rows])
+        targets = self.tokenizer([self.target_text(r.solution) for r in rows], add_special_tokens=False)["input_ids"]
+        return [(p + t, len(p)) for p, t in zip(prompts, targets)]
+
+
+@dataclass
+class MicroBatch:
+    """A padded micro-batch.  Shapes: input_ids, attention_mask, answer_mask (B, S).
+
+    answer_mask[b, s] is True where token s is a target token (part of the solution), so the loss at position
+    s-1 predicting it counts; prompt and padding tokens carry no loss."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    answer_mask: torch.Tensor
+
+    @property
+    def n_answer_tokens(self) -> int:
+        return int(self.answer_mask[:, 1:].sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device) -> "MicroBatch":
+        return MicroBatch(*(t.to(device, non_blocking=True) for t in
+                            (self.input_ids, self.attention_mask, self.answer_mask)))
+
+    def select(self, rows: slice) -> "MicroBatch":
+        return MicroBatch(self.input_ids[rows], self.attention_mask[rows], self.answer_mask[rows])
+
+
+def collate(examples: Sequence[tuple[list[int], int]], pad_id: int) -> MicroBatch:
+    """Right-pad (prompt + target) sequences into one MicroBatch."""
+    import torch
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    answer = torch.zeros((len(examples), width), dtype=torch.bool)
+    for row, (seq, n_prompt) in enumerate(examples):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        attn[row, :len(seq)] = 1
+        answer[row, n_prompt:len(seq)] = True
+    return MicroBatch(ids, attn, answer)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Training stream
+# ----------------------------------------------------------------------------------------------------
+class TrainStream:
+    """Endless, deterministic micro-batches over epochs of the training split.
+
+    Each epoch reads the split through `datasets` (shuffled map-style, or streamed through a shuffle buffer),
+    validates and tokenises rows in pools of `pool` examples, sorts each pool by length and cuts it into
+    micro-batches (length bucketing: little padding), then shuffles the micro-batches of the pool.  Rows longer
+    than `max_tokens` are skipped and counted, as are bad rows.  The position (epoch, micro-batches served in the
+    epoch) is all a checkpoint needs: `skip_to` replays an epoch's order without running the model."""
+
+    def __init__(self, ds_cfg, fmt: PromptFormat, micro_batch: int, max_tokens: int, seed: int,
+                 max_epochs: int, pool_batches: int = 64):
+        self.ds_cfg, self.fmt, self.micro_batch = ds_cfg, fmt, micro_batch
+        self.max_tokens, self.seed, self.max_epochs = max_tokens, seed, max_epochs
+        self.pool = micro_batch * pool_batches
+        self.pad_id = fmt.tokenizer.pad_token_id
+        self.epoch, self.served = 0, 0            # position: epoch, micro-batches served in this epoch
+        self.skipped_bad = self.skipped_long = 0  # counted and logged (never silently dropped)
+        self._iter: Iterator[MicroBatch] | None = None
+        self._primed: MicroBatch | None = None
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "served": self.served}
+
+    def skip_to(self, state: dict) -> None:
+        self.epoch, target = state["epoch"], state["served"]
+        self._iter = self._epoch_batches(self.epoch)
+        for _ in range(target):
+            next(self._iter)
+        self.served = target
+
+    def prime(self) -> None:
+        """Open the current epoch and prepare its first micro-batches now (data loading is start-up, not budget)."""
+        batch = self.next()
+        if batch is not None:
+            self._primed = batch
+            self.served -= 1
+
+    def next(self) -> MicroBatch | None:
+        """The next micro-batch, or None after `max_epochs` epochs."""
+        if self._primed is not None:
+            batch, self._primed = self._primed, None
+            self.served += 1
+            return batch
+        while True:
+            if self._iter is None:
+                if self.epoch >= self.max_epochs:
+                    return None
+                self._iter = self._epoch_batches(self.epoch)
+            batch = next(self._iter, None)
+            if batch is not None:
+                self.served += 1
+                return batch
+            self._iter, self.epoch, self.served = None, self.epoch + 1, 0
+
+    def _rows(self, epoch: int) -> Iterable[dict]:
+        rows = load_rows(self.ds_cfg, self.ds_cfg.train_split, streaming=self.ds_cfg.streaming)
+        if self.ds_cfg.streaming:
+            rows = rows.shuffle(seed=self.seed, buffer_size=self.ds_cfg.shuffle_buffer)
+            rows.set_epoch(epoch)
+            return rows
+        return rows.shuffle(seed=self.seed + epoch)
+
+    def _epoch_batches(self, epoch: int) -> Iterator[MicroBatch]:
+        rng = random.Random(f"{self.seed}-{epoch}")
+        pool: list[Problem] = []
+        for row in self._rows(epoch):
+            checked = validate_row(row)
+            if isinstance(checked, str):
+                self.skipped_bad += 1
+                continue
+            pool.append(checked)
+            if len(pool) >= self.pool:
+                yield from self._bucket(pool, rng)
+                pool = []
+        if pool:
+            yield from self._bucket(pool, rng)
+
+    def _bucket(self, pool: list[Problem], rng: random.Random) -> Iterator[MicroBatch]:
+        encoded = []
+        for seq, n_prompt in self.fmt.encode_examples(pool):
+            if len(seq) > self.max_tokens:
+                self.skipped_long += 1
+            else:
+                encoded.append((seq, n_prompt))
+        encoded.sort(key=lambda e: len(e[0]))
+        chunks = [encoded[i:i + self.micro_batch] for i in range(0, len(encoded), self.micro_batch)]
+        # a short last chunk of the epoch is kept: dropping it would bias the data toward long examples
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            yield collate(chunk, self.pad_id)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Evaluation problems and generation batches
+# ----------------------------------------------------------------------------------------------------
+def generation_batches(fmt: PromptFormat, problems: Sequence[Problem], batch_size: int,
+                       max_tokens: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Left-padded prompt batches sorted by length (least padding), with the problems' positions.
+
+    Returns [(positions, input_ids (B, S), attention_mask (B, S))].  Prompts are truncated from the left to
+    `max_tokens` so that no problem is silently dropped."""
+    import torch
+    prompts = fmt.encode_prompts([p.question for p in problems])
+    order = sorted(range(len(problems)), key=lambda i: len(prompts[i]))
+    pad_id = fmt.tokenizer.pad_token_id
+    batches = []
+    for start in range(0, len(order), batch_size):
+        positions = order[start:start + batch_size]
+        seqs = [prompts[i][-max_tokens:] for i in positions]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            attn[row, width - len(seq):] = 1
+        batches.append((positions, ids, attn))
+    return batches
+
+
+def score_completions(completions: Sequence[str], problems: Sequence[Problem]) -> tuple[list[bool], list[bool]]:
+    """Per-problem (strict, flexible) correctness, in the problems' order."""
+    pairs = [exact_match(c, p.gold) for c, p in zip(completions, problems)]
+    return [s for s, _ in pairs], [f for _, f in pairs]
+
+
+def percent(flags: Sequence[bool]) -> float:
+    return 100.0 * sum(flags) / len(flags) if flags else math.nan
