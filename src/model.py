@@ -919,9 +919,10 @@ class GRAFF(Planner):
         self.edges = graph.edges
         self.pending: _Pending | None = None
         self.readout_now = GraffNet.readout(self.h)                      # h̄ the next step's m is decoded from
-        self.phi_cache: dict[int, torch.Tensor] = {}
-        self.jvp_batch: MicroBatch | None = None
-        self.step_tokens = 0
+        self.jvp_batch: MicroBatch | None = None                         # step t's sequences for the JVP
+        self.jvp_phi: torch.Tensor | None = None                         # their token features φ (n_j, K)
+        self.step_tokens, self.entropy_sum = 0, 0.0                      # answer tokens and Σ H_i this step
+        self.last_m: torch.Tensor | None = None
         self.loss_sum, self.n_losses, self.best_avg = 0.0, 0, math.inf
         self.last: dict[str, float] = {}
         self.results_dir = results_dir
@@ -973,36 +974,37 @@ class GRAFF(Planner):
     def weigh_tokens(self, tokens):
         phi = self.token_features(tokens)
         with torch.no_grad():
-            m = token_multipliers(self.net.W[1:] @ self.readout_now, phi)
-        if tokens.index == 0:   # keep the first sequences of the step for the token hypergradient
+            m = token_multipliers(self.net.W[1:] @ self.readout_now, phi)     # (n,), decoded from h_{t-1}
+        if tokens.index == 0 and self.k.jvp_sequences > 0:   # keep the step's first sequences for the JVP
             keep = min(self.k.jvp_sequences, tokens.batch.input_ids.shape[0])
-            if keep > 0:
-                rows = tokens.batch.answer_mask[:keep, 1:].sum()
-                self.jvp_batch = tokens.batch.select(slice(0, keep))
-                self.phi_cache = {0: phi[:int(rows)]}
+            self.jvp_batch = tokens.batch.select(slice(0, keep))
+            self.jvp_phi = phi[:self.jvp_batch.n_answer_tokens]
+        if tokens.entropy is not None:
+            self.entropy_sum += float(tokens.entropy.sum())
         self.step_tokens += tokens.losses.numel()
-        self._last_m = m
+        self.last_m = m
         return m.to(tokens.losses.device)
 
     # -- after backward of step t (g_t in .grad) ---------------------------------------------------------
     def plan(self, ctx):
-        self.curv.observe()                                   # λ̂ of the previous update (needs g_t)
-        outer_norm = self.outer_update() if self.pending is not None else 0.0
+        paired = self.curv.observe()                          # λ̂ of the previous update (needs g_t)
+        outer_norm = self.outer_update() if self.pending is not None and paired else 0.0
+        self.pending = None
         x = self.node_features(ctx)
         h = self.net.encode(self.h, x, self.edges, self.edge_features(x))
         readout = GraffNet.readout(h)
         W0 = self.guarded_eta_row(readout.detach())
         log_mult = W0 @ readout
         eta = self.lr_init * torch.exp(log_mult)
-        self.eta = float(eta)
+        self.eta = float(eta.detach())
         # this step leaves η_t (with graph) and the sequences it used for m, for the hypergradient at t+1
-        self.pending = _Pending(eta=eta, readout=self.readout_now, batch=self.jvp_batch,
-                                phi=self.phi_cache.get(0), n_tokens=max(self.step_tokens, 1))
+        self.pending = _Pending(eta=eta, readout=self.readout_now, batch=self.jvp_batch, phi=self.jvp_phi,
+                                n_tokens=max(self.step_tokens, 1))
         self.h = h.detach()
         self.readout_now = readout.detach()
-        self.jvp_batch, self.phi_cache, self.step_tokens = None, {}, 0
+        self.jvp_batch, self.jvp_phi, self.step_tokens, self.entropy_sum = None, None, 0, 0.0
         self.track_regret(ctx)
-        m = getattr(self, "_last_m", None)
+        m = self.last_m
         self.last = {"eta": self.eta, "lambda_max": self.curv.lam_max, "lambda_raw": self.curv.lam,
                      "eta_lambda_max": self.eta * self.curv.lam_max, "outer_grad_norm": outer_norm,
                      "token_mult_mean": float(m.mean()) if m is not None else 1.0,
@@ -1017,13 +1019,13 @@ class GRAFF(Planner):
 
     def on_bad_step(self):
         self.curv.reset_pair()
-        self.pending, self.jvp_batch, self.phi_cache, self.step_tokens = None, None, {}, 0
+        self.pending, self.jvp_batch, self.jvp_phi, self.step_tokens, self.entropy_sum = None, None, None, 0, 0.0
 
     def node_features(self, ctx: StepContext) -> torch.Tensor:
         """x_t (N, 4) from the latest curvature, probe entropy, budget and per-block gradient norms."""
         n = self.graph.n_nodes
         stability = (self.curv.eta * self.curv.lam_blocks / self.k.stability_guard).clamp(-5, 5)
-        ent = self._entropy_mean()
+        ent = self.entropy_sum / max(self.step_tokens, 1)                # H̄_t, in [0, 1]
         budget = ctx.budget_left if self.k.use_budget else 0.0
         with torch.no_grad():
             norms = torch.stack([torch.sqrt(sum((p.grad.float() ** 2).sum() for p in group if p.grad is not None)
@@ -1031,10 +1033,6 @@ class GRAFF(Planner):
             norms = norms.cpu()
         rel = torch.log(norms.clamp(min=1e-12) / norms.mean().clamp(min=1e-12)).clamp(-5, 5)
         return torch.stack([stability.float(), torch.full((n,), ent), torch.full((n,), budget), rel.float()], -1)
-
-    def _entropy_mean(self) -> float:
-        phi_ent = getattr(self, "_entropy_sum", None)
-        return float(phi_ent) if phi_ent is not None else 0.0
 
     def edge_features(self, x: torch.Tensor) -> torch.Tensor:
         src, dst = self.edges
@@ -1058,13 +1056,13 @@ class GRAFF(Planner):
         """Adam step on W and the encoder from the one-step hypergradient of L_{t+1} (see class docstring)."""
         p = self.pending
         self.pending = None
+        if self.k.freeze:
+            return 0.0
         surrogate = -self.curv.b_total * p.eta                       # ∂L_{t+1}/∂η_t = −⟨g_{t+1}, u_t⟩
         if p.batch is not None and p.phi is not None and p.phi.numel():
             c = self.token_coefficients(p)                          # ∂L_{t+1}/∂m_{t,i}, detached (n_j,)
             m = token_multipliers(self.net.W[1:] @ p.readout, p.phi)
             surrogate = surrogate + (c * m).sum()
-        if self.k.freeze:
-            return 0.0
         self.outer.zero_grad()
         surrogate.backward()
         norm = float(torch.sqrt(sum((q.grad ** 2).sum() for q in self.net.parameters() if q.grad is not None)))

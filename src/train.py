@@ -46,6 +46,7 @@ from src.preprocess import (PromptFormat, TrainStream, UserError, generation_bat
 # History (every step): train/*, time/*, memory/*, energy/*, planner/*.  History (every evaluation): eval/*.
 LOSS, LR, GRAD_NORM, TOKENS_PER_S = "train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"
 STEP_TIME, SKIPPED, EPOCH = "train/step_time_s", "train/skipped_steps", "train/epoch"
+PLANNER_TIME, PLANNER_FRACTION = "train/planner_time_s", "train/planner_fraction"   # the planner's own cost
 ELAPSED, BUDGET_LEFT = "time/elapsed_s", "time/budget_left"
 EM, EM_FLEX = "eval/exact_match", "eval/exact_match_flexible"          # strict (primary) and flexible, percent
 EVAL_AT, EVAL_DURATION = "eval/model_time_s", "eval/duration_s"          # clock time of the evaluated model
@@ -311,6 +312,25 @@ class StepResult:
     grad_norm: float
     eta: float
     tokens: int
+    planner_s: float = 0.0     # time inside the planner's calls (its overhead)
+
+
+class Stopwatch:
+    """Accumulates the time spent inside `with watch:` blocks (synchronised on a GPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.total = device, 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __enter__(self):
+        self._t0 = self._now()
+
+    def __exit__(self, *exc):
+        self.total += self._now() - self._t0
 
 
 def fault_steps() -> set[int]:
@@ -324,15 +344,17 @@ def optimiser_step(lm: TokenLoss, planner, optimizer, params, micro_batches, dev
     """Forward/backward every micro-batch (one backward each), ask the planner for η_t, clip, step."""
     n_total = sum(mb.n_answer_tokens for mb in micro_batches)      # the loss is the mean over the whole step
     loss_sum = torch.zeros((), device=device)
+    watch = Stopwatch(device)
     for index, raw in enumerate(micro_batches):
         mb = raw.to(device)
         with autocast():
             losses = lm(mb.input_ids, mb.attention_mask, mb.answer_mask)          # (n,) fp32
         if inject_nan:
             losses = losses * float("nan")
-        tokens = TokenBatch(mb, mb.input_ids[:, 1:][mb.answer_mask[:, 1:]], losses.detach(),
-                            answer_positions(mb.answer_mask), lm.probe_entropy(mb.answer_mask), index)
-        weights = planner.weigh_tokens(tokens)                                      # m_{t,i} or None
+        with watch:   # the probe and the token weights are the planner's cost
+            tokens = TokenBatch(mb, mb.input_ids[:, 1:][mb.answer_mask[:, 1:]], losses.detach(),
+                                answer_positions(mb.answer_mask), lm.probe_entropy(mb.answer_mask), index)
+            weights = planner.weigh_tokens(tokens)                                  # m_{t,i} or None
         weighted = (losses * weights).sum() if weights is not None else losses.sum()
         (weighted / n_total).backward()
         loss_sum += losses.detach().sum()
@@ -345,7 +367,8 @@ def optimiser_step(lm: TokenLoss, planner, optimizer, params, micro_batches, dev
         planner.on_bad_step()
         return StepResult(False, loss, grad_norm, math.nan, n_tokens)
     ctx.loss, ctx.grad_norm, ctx.elapsed_s = loss, grad_norm, clock.elapsed()
-    eta = planner.plan(ctx)                                                         # η_t (may update the planner)
+    with watch:
+        eta = planner.plan(ctx)                                                     # η_t (may update the planner)
     if not (math.isfinite(eta) and eta > 0):
         raise RuntimeError(f"planner {type(planner).__name__} returned η={eta} (must be finite and > 0)")
     if clip > 0:
@@ -354,9 +377,10 @@ def optimiser_step(lm: TokenLoss, planner, optimizer, params, micro_batches, dev
     for group in optimizer.param_groups:
         group["lr"] = eta
     optimizer.step()
-    planner.after_step(ctx)
+    with watch:
+        planner.after_step(ctx)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(True, loss, grad_norm, eta, n_tokens)
+    return StepResult(True, loss, grad_norm, eta, n_tokens, watch.total)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -475,6 +499,7 @@ def train(cfg, on_evaluation=None) -> RunOutcome:
     last_ckpt = clock.elapsed()
     last_print = -math.inf
     inject = fault_steps()
+    planner_total = train_total = 0.0
     status = "finished"
     evals_enabled = cfg.mode == "full"
 
@@ -530,8 +555,11 @@ def train(cfg, on_evaluation=None) -> RunOutcome:
             continue
         consecutive_bad = 0
         step += 1
+        planner_total += result.planner_s
+        train_total += duration
         metrics = {LOSS: result.loss, LR: result.eta, GRAD_NORM: result.grad_norm,
                    TOKENS_PER_S: result.tokens / max(duration, 1e-9), STEP_TIME: duration, SKIPPED: skipped,
+                   PLANNER_TIME: result.planner_s, PLANNER_FRACTION: result.planner_s / max(duration, 1e-9),
                    ELAPSED: t1, BUDGET_LEFT: max(budget_s - t1, 0) / budget_s, EPOCH: stream.epoch,
                    "data/skipped_bad_rows": stream.skipped_bad, "data/skipped_long_rows": stream.skipped_long,
                    PEAK_MEM: peak_memory_gib(device)[0], ENERGY: energy.joules()}
@@ -574,7 +602,8 @@ def train(cfg, on_evaluation=None) -> RunOutcome:
                SKIPPED: skipped, FINAL_CORRECT: "".join("1" if c else "0" for c in final.strict),
                "status": status, "data/epochs_completed": stream.epoch, ENERGY: energy.joules(),
                PEAK_MEM: peak_memory_gib(device)[0], "memory/kind": peak_memory_gib(device)[1],
-               "energy/source": energy.source}
+               "energy/source": energy.source,
+               PLANNER_FRACTION: planner_total / train_total if train_total > 0 else None}
     for mark in e_cfg.marks_minutes:
         if 60 * mark < budget_s and mark in marks_done:
             summary[em_at_mark(mark)] = marks_done[mark]

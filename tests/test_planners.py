@@ -1,0 +1,366 @@
+"""Behaviour of every LR planner: GRAFF (issue 3), the baselines (issue 4) and their shared estimators."""
+import math
+
+import pytest
+import torch
+
+from src.model import (GRAFF, GraffNet, SecantCurvature, StepContext, TokenBatch, answer_positions,
+                       cosine_multiplier, linear_multiplier, project_halfspace, token_multipliers, wsd_multiplier)
+from src.train import BudgetClock, optimiser_step
+from tests.conftest import random_batch
+
+CPU = torch.device("cpu")
+
+
+def no_autocast():
+    return torch.autocast(device_type="cpu", enabled=False)
+
+
+def run_steps(planner, optimizer, lm, params, n, seed=0, clip=1.0, start=0, budget_s=100.0, check=None):
+    """Drive the planner through n optimiser steps of the real step function; returns the step results."""
+    clock = BudgetClock(budget_s, CPU)
+    results = []
+    for t in range(start, start + n):
+        ctx = StepContext(step=t, elapsed_s=clock.elapsed(), budget_s=budget_s, horizon_s=budget_s)
+        results.append(optimiser_step(lm, planner, optimizer, params, [random_batch(seed=seed + t)], CPU, no_autocast,
+                                      clip, ctx, clock, inject_nan=False))
+        if check is not None:
+            check(planner)
+    return results
+
+
+# --- time-based schedules: boundary points ----------------------------------------------------------------------
+def test_cosine_boundaries():
+    assert cosine_multiplier(0.0, 0.1, 0.0) == 0.0                      # start of warmup
+    assert cosine_multiplier(0.1, 0.1, 0.0) == pytest.approx(1.0)       # end of warmup
+    assert cosine_multiplier(0.55, 0.1, 0.0) == pytest.approx(0.5)      # half-way through the decay
+    assert cosine_multiplier(1.0, 0.1, 0.2) == pytest.approx(0.2)       # end of the budget: min ratio
+
+
+def test_linear_decay_boundaries():
+    assert linear_multiplier(0.0, 0.0) == 1.0
+    assert linear_multiplier(0.05, 0.1) == pytest.approx(0.5)
+    assert linear_multiplier(0.1, 0.1) == pytest.approx(1.0)
+    assert linear_multiplier(1.0, 0.1) == pytest.approx(0.0)
+
+
+def test_wsd_boundaries():
+    assert wsd_multiplier(0.0, 0.1, 0.2, 0.0) == 0.0
+    assert wsd_multiplier(0.1, 0.1, 0.2, 0.0) == pytest.approx(1.0)     # end of warmup
+    assert wsd_multiplier(0.5, 0.1, 0.2, 0.0) == 1.0                    # stable
+    assert wsd_multiplier(0.8, 0.1, 0.2, 0.0) == pytest.approx(1.0)     # start of decay
+    assert wsd_multiplier(0.9, 0.1, 0.2, 0.0) == pytest.approx(0.5)
+    assert wsd_multiplier(1.0, 0.1, 0.2, 0.1) == pytest.approx(0.1)     # end of budget
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "wsd"])
+def test_time_schedules_follow_the_clock_and_stay_positive(make_planner, kind):
+    planner, *_ = make_planner(kind, warmup_fraction=0.1)
+    etas = [planner.plan(StepContext(step=0, elapsed_s=t, budget_s=100, horizon_s=90)) for t in (0, 9, 50, 90, 120)]
+    assert etas[1] == pytest.approx(1e-2)                               # peak at the end of warmup (9 s of 90 s)
+    assert all(e > 0 and math.isfinite(e) for e in etas)
+    assert etas[3] <= etas[2] <= etas[1]                                # decays over the horizon
+    assert etas[4] == etas[3]                                           # held after the horizon
+
+
+# --- the shared curvature estimator -----------------------------------------------------------------------------
+def test_secant_curvature_recovers_a_quadratic_and_its_blocks():
+    # L(θ) = ½ Σ λ_b θ_b² with two blocks of curvature 3 and 50; plain gradient steps.
+    theta = [torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([0.5]))]
+    lam = [3.0, 50.0]
+    curv = SecantCurvature(theta, torch.tensor([0, 1]), 2, ema=0.0)
+    eta = 0.01
+    for step in range(3):
+        for p, l in zip(theta, lam):
+            p.grad = l * p.detach().clone()
+        curv.observe()
+        curv.before_step()
+        with torch.no_grad():
+            for p in theta:
+                p -= eta * p.grad
+        curv.after_step(eta, grad_scale=1.0)
+    assert curv.lam_blocks.tolist() == pytest.approx(lam, rel=1e-4)
+    # the total is the Rayleigh quotient of H along the update: (Σ λ³θ²)/(Σ λ²θ²), dominated by the sharp block
+    assert 3.0 < curv.lam < 50.0 and curv.lam_max == pytest.approx(curv.lam)
+
+
+# --- SALeLR -----------------------------------------------------------------------------------------------------
+def test_salelr_lowers_eta_when_sharpness_rises(make_planner):
+    planner, *_ = make_planner("salelr", curvature_ema=0.0)
+    ctx = StepContext(step=0, elapsed_s=0, budget_s=100, horizon_s=100)
+    etas = []
+    for lam in [10.0, 10.0, 10.0, 40.0, 160.0]:
+        planner.curv.observe = lambda: True                     # feed the estimate directly
+        planner.curv.lam_max = lam
+        etas.append(planner.plan(ctx))
+    assert etas[0] == etas[2] == pytest.approx(1e-2)
+    assert etas[4] < etas[3] < etas[2]
+
+
+def test_salelr_trains_with_real_curvature(make_planner):
+    planner, optimizer, lm, params = make_planner("salelr")
+    results = run_steps(planner, optimizer, lm, params, 5)
+    assert all(r.ok for r in results) and planner.curv.lam_max != 0.0
+
+
+# --- BATS -------------------------------------------------------------------------------------------------------
+def _token_batch(targets, losses):
+    batch = random_batch(n=1, length=len(targets) + 1)
+    return TokenBatch(batch, torch.tensor(targets), torch.tensor(losses), torch.linspace(0, 1, len(targets)), None, 0)
+
+
+def test_bats_gives_harder_tokens_more_weight_and_weights_average_to_one(make_planner):
+    planner, *_ = make_planner("bats", difficulty_ema=0.0, difficulty_power=1.0)
+    assert planner.weigh_tokens(_token_batch([5, 6, 7], [1.0, 4.0, 2.0])) is None   # nothing measured yet
+    planner.after_step(None)                                    # difficulty measured after the backward pass
+    w = planner.weigh_tokens(_token_batch([5, 6, 7, 9], [0.0, 0.0, 0.0, 0.0]))
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-6)
+    assert w[1] > w[2] > w[0]                                   # token 6 was hardest, 5 easiest
+    assert w[3] == pytest.approx(w[:3].mean().item(), rel=0.5)  # unseen token: about the mean difficulty
+
+
+# --- REACTOR ----------------------------------------------------------------------------------------------------
+def test_reactor_policy_moves_toward_actions_with_positive_advantage(make_planner):
+    planner, *_ = make_planner("reactor", controller_lr=1e-2, entropy_bonus=0.0)
+    state = torch.zeros(planner.N_STATE)
+    state[0] = 1.0
+    planner.reinforce(state, 0.0, reward=0.0)                  # sets the baseline to 0
+    before = float(planner.policy(state))
+    info = planner.reinforce(state, action=0.5, reward=1.0)    # positive advantage for a = 0.5 > μ
+    assert info["advantage"] > 0
+    assert float(planner.policy(state)) > before
+    before = float(planner.policy(state))
+    planner.baseline = 10.0
+    info = planner.reinforce(state, action=0.5, reward=0.0)    # negative advantage: move away from a
+    assert info["advantage"] < 0 and float(planner.policy(state)) < before
+
+
+def test_reactor_baseline_tracks_the_reward_ema(make_planner):
+    planner, *_ = make_planner("reactor", baseline_decay=0.9)
+    state = torch.zeros(planner.N_STATE)
+    expected = None
+    for r in [1.0, 2.0, 0.5, 3.0]:
+        planner.reinforce(state, 0.0, r)
+        expected = r if expected is None else 0.9 * expected + 0.1 * r
+        assert planner.baseline == pytest.approx(expected)
+
+
+def test_reactor_entropy_bonus_raises_entropy_when_rewards_are_flat(make_planner):
+    planner, *_ = make_planner("reactor", controller_lr=1e-2, entropy_bonus=0.1)
+    state = torch.zeros(planner.N_STATE)
+    std0 = float(planner.log_std.exp())
+    for _ in range(20):
+        planner.reinforce(state, 0.0, reward=1.0)             # flat rewards: zero advantage
+    assert float(planner.log_std.exp()) > std0
+
+
+def test_reactor_runs_in_the_loop_and_logs_its_internals(make_planner):
+    planner, optimizer, lm, params = make_planner("reactor")
+    run_steps(planner, optimizer, lm, params, 4)
+    log = planner.log()
+    for key in ("multiplier", "policy_mean", "policy_std", "reward", "advantage", "baseline", "entropy"):
+        assert key in log and math.isfinite(log[key])
+
+
+# --- Schedule-Free ----------------------------------------------------------------------------------------------
+def test_schedulefree_switches_modes_around_evaluation(make_planner):
+    from src.train import evaluate
+    planner, optimizer, lm, params = make_planner("schedulefree")
+    run_steps(planner, optimizer, lm, params, 2)
+    assert optimizer.param_groups[0]["train_mode"]
+    model = lm.core
+    seen = []
+
+    class FakeTokenizer:
+        eos_token_id = pad_token_id = 0
+
+        def batch_decode(self, ids, skip_special_tokens=True):
+            return ["#### 1"] * len(ids)
+
+    def fake_generate(**kw):
+        seen.append(optimizer.param_groups[0]["train_mode"])
+        return kw["input_ids"]
+
+    model.generate = fake_generate
+    from src.preprocess import Problem
+    problems = [Problem(0, "q", "#### 1", "1")]
+    batch = ([0], torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long))
+    result = evaluate(model, FakeTokenizer(), [batch], problems, planner, 4, no_autocast, BudgetClock(10, CPU))
+    assert seen == [False]                                      # eval mode (averaged weights) while generating
+    assert optimizer.param_groups[0]["train_mode"]              # back to train mode afterwards
+    assert result.em == 100.0
+
+
+# --- GRAFF ------------------------------------------------------------------------------------------------------
+def test_graff_learns_w_through_the_hypergradient(make_planner):
+    planner, optimizer, lm, params = make_planner("graff")
+    w0 = planner.net.W.detach().clone()
+    grad_norms = []
+    run_steps(planner, optimizer, lm, params, 8, check=lambda p: grad_norms.append(p.log()["outer_grad_norm"]))
+    assert sum(g > 0 for g in grad_norms[1:]) >= 6              # every step after the first has a hypergradient
+    assert not torch.equal(planner.net.W.detach(), w0)          # W moved
+    assert planner.log()["eta"] != pytest.approx(1e-2, rel=1e-9)
+
+
+def test_graff_hypergradient_sign_raises_eta_when_the_loss_keeps_falling_along_the_step(make_planner):
+    planner, *_ = make_planner("graff", jvp_sequences=0, stability_guard=2.0)
+    readout = GraffNet.readout(torch.randn(planner.graph.n_nodes, planner.k.hidden_dim))
+    eta = planner.lr_init * torch.exp(planner.net.W[0] @ readout)
+    from src.model import _Pending
+    for b_total, direction in [(+1.0, 1), (-1.0, -1)]:
+        planner.pending = _Pending(eta=planner.lr_init * torch.exp(planner.net.W[0] @ readout), readout=readout)
+        planner.curv.b_total = b_total                         # ⟨g_{t+1}, u_t⟩ > 0: a larger step would help
+        before = float(planner.net.W[0] @ readout)
+        planner.outer_update()
+        assert (float(planner.net.W[0] @ readout) - before) * direction > 0
+    assert eta.requires_grad
+
+
+def test_graff_state_is_carried_across_steps_and_is_not_a_parameter(make_planner):
+    planner, optimizer, lm, params = make_planner("graff")
+    names = [n for n, _ in planner.net.named_parameters()]
+    run_steps(planner, optimizer, lm, params, 2)
+    h1 = planner.h.clone()
+    run_steps(planner, optimizer, lm, params, 1, start=2)
+    assert [n for n, _ in planner.net.named_parameters()] == names     # same parameter list after steps
+    assert not isinstance(planner.h, torch.nn.Parameter) and not planner.h.requires_grad
+    assert h1.abs().sum() > 0 and not torch.equal(planner.h, h1)
+    # h_t carries information: the same features with another previous state give another next state
+    x = planner.node_features(StepContext(step=3, elapsed_s=1, budget_s=10, horizon_s=10))
+    e = planner.edge_features(x)
+    with torch.no_grad():
+        a = planner.net.encode(planner.h, x, planner.edges, e)
+        b = planner.net.encode(torch.zeros_like(planner.h), x, planner.edges, e)
+    assert not torch.allclose(a, b)
+
+
+def test_graff_guard_holds_after_every_update_even_when_curvature_jumps(make_planner):
+    planner, optimizer, lm, params = make_planner("graff", lr=0.5, stability_guard=1.9)
+
+    def guard_holds(p):
+        lam = p.curv.lam_max
+        assert lam == 0.0 or p.eta * lam <= 1.9 * (1 + 1e-5), (p.eta, lam)
+
+    run_steps(planner, optimizer, lm, params, 6, check=guard_holds)
+    assert planner.curv.lam_max > 0
+    real_observe = planner.curv.observe
+
+    def jumping_observe():                                      # the estimate jumps 100× between steps
+        ok = real_observe()
+        planner.curv.lam_max *= 100.0
+        return ok
+
+    planner.curv.observe = jumping_observe
+    run_steps(planner, optimizer, lm, params, 3, start=6, check=guard_holds)
+
+
+def test_projection_onto_the_guard_halfspace_is_exact():
+    w, x = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.3, -1.0, 1.0])
+    p = project_halfspace(w, x, lo=-10.0, hi=-2.0)
+    assert float(p @ x) == pytest.approx(-2.0)
+    assert torch.allclose(p - w, -(p - w).norm() * x / x.norm())       # moved along the normal only
+    assert torch.equal(project_halfspace(w, x, -10.0, 10.0), w)        # inside: unchanged
+
+
+def test_graff_token_multipliers_average_to_one_and_change_the_next_loss(make_planner):
+    phi = torch.randn(30, 2)
+    m = token_multipliers(torch.tensor([1.5, -0.7]), phi)
+    assert m.mean().item() == pytest.approx(1.0, abs=1e-6) and m.std() > 0.1
+    losses_after = []
+    for token_rows in (0.0, 3.0):
+        planner, optimizer, lm, params = make_planner("graff", jvp_sequences=0, freeze=True, seed=1)
+        with torch.no_grad():
+            planner.net.W[1:] = token_rows
+        planner.readout_now = torch.ones(planner.k.hidden_dim + 1)
+        batch = random_batch(seed=5)
+        run = [optimiser_step(lm, planner, optimizer, params, [batch], CPU, no_autocast, 0.0,
+                              StepContext(step=0, elapsed_s=0, budget_s=10, horizon_s=10), BudgetClock(10, CPU), False)]
+        if token_rows:
+            assert planner.last_m.std() > 0.05 and planner.last_m.mean().item() == pytest.approx(1.0, abs=1e-5)
+        with torch.no_grad():
+            nxt = random_batch(seed=6)
+            losses_after.append(float(lm(nxt.input_ids, nxt.attention_mask, nxt.answer_mask).mean()))
+        assert run[0].ok
+    assert losses_after[0] != pytest.approx(losses_after[1], rel=1e-6)
+
+
+def test_graff_token_coefficients_match_per_token_gradients(make_planner):
+    """c_i = −η ⟨P g_{t+1}, ∇ℓ_{t,i}⟩ / n from one JVP equals the same quantity from n separate backward passes."""
+    planner, optimizer, lm, params = make_planner("graff", jvp_sequences=4)
+    run_steps(planner, optimizer, lm, params, 2)               # Adam state exists
+    batch = random_batch(n=4, seed=11)
+    losses = lm(batch.input_ids, batch.attention_mask, batch.answer_mask)
+    losses.mean().backward(retain_graph=True)                  # g_{t+1} in .grad
+    from src.model import _Pending
+    p = _Pending(eta=torch.tensor(0.01), readout=planner.readout_now, batch=batch,
+                 phi=torch.zeros(losses.numel(), 2), n_tokens=losses.numel())
+    c = planner.token_coefficients(p)
+    (b1, b2), state = planner.opt_cfg.betas, optimizer.state
+    direction = []
+    for q in params:                                           # P g: Adam's bias-corrected preconditioner
+        st, t = state[q], float(state[q]["step"])
+        direction.append(q.grad * ((1 - b1) / (1 - b1 ** t)) / ((st["exp_avg_sq"] / (1 - b2 ** t)).sqrt() + 1e-8))
+    reference = []
+    for i in range(losses.numel()):
+        grads = torch.autograd.grad(losses[i], params, retain_graph=True)
+        reference.append(sum((g * d).sum() for g, d in zip(grads, direction)))
+    reference = -0.01 * torch.stack(reference) / losses.numel()
+    assert torch.allclose(c, reference, rtol=1e-3, atol=1e-7)
+
+
+def test_graff_frozen_w_never_changes_while_the_model_trains(make_planner):
+    planner, optimizer, lm, params = make_planner("graff", freeze=True)
+    w0 = {n: p.detach().clone() for n, p in planner.net.named_parameters()}
+    theta0 = [p.detach().clone() for p in params]
+    run_steps(planner, optimizer, lm, params, 5, check=lambda p: None)
+    assert all(torch.equal(w0[n], p) for n, p in planner.net.named_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(theta0, params))
+
+
+def test_graff_warm_start_transfers_across_model_sizes(make_planner, tmp_path):
+    small, optimizer, lm, params = make_planner("graff", layers=2, save_ckpt=str(tmp_path / "w.pt"))
+    run_steps(small, optimizer, lm, params, 4)
+    small.finish(tmp_path)
+    big, *_ = make_planner("graff", layers=5, warm_start_ckpt=str(tmp_path / "w.pt"))
+    assert big.graph.n_nodes != small.graph.n_nodes
+    for (n, a), (_, b) in zip(small.net.named_parameters(), big.net.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_graff_refuses_a_missing_or_incompatible_checkpoint(make_planner, tmp_path):
+    from src.preprocess import UserError
+    with pytest.raises(UserError, match="does not exist"):
+        make_planner("graff", warm_start_ckpt=str(tmp_path / "none.pt"))
+    small, *_ = make_planner("graff", save_ckpt=str(tmp_path / "w.pt"))
+    small.finish(tmp_path)
+    with pytest.raises(UserError, match="hidden_dim"):
+        make_planner("graff", warm_start_ckpt=str(tmp_path / "w.pt"), hidden_dim=8)
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match="not a readable"):
+        make_planner("graff", warm_start_ckpt=str(tmp_path / "junk.pt"))
+
+
+def test_graff_state_survives_a_save_load_round_trip(make_planner):
+    planner, optimizer, lm, params = make_planner("graff")
+    run_steps(planner, optimizer, lm, params, 3)
+    state = planner.state_dict()
+    other, *_ = make_planner("graff", seed=3)
+    other.load_state_dict(state)
+    for (n, a), (_, b) in zip(planner.net.named_parameters(), other.net.named_parameters()):
+        assert torch.equal(a, b), n
+    assert torch.equal(planner.h, other.h) and other.curv.lam_max == planner.curv.lam_max
+    assert other.outer.state_dict()["state"].keys() == planner.outer.state_dict()["state"].keys()
+
+
+@pytest.mark.parametrize("kind", ["graff", "reactor", "salelr", "bats", "constant", "cosine", "linear", "wsd",
+                                  "schedulefree"])
+def test_every_planner_gives_a_finite_positive_lr_over_steps(make_planner, kind):
+    planner, optimizer, lm, params = make_planner(kind)
+    results = run_steps(planner, optimizer, lm, params, 4)
+    assert all(r.ok and math.isfinite(r.eta) and r.eta > 0 for r in results)
+
+
+def test_answer_positions_run_from_zero_to_one_per_answer():
+    batch = random_batch(n=2, length=9)
+    pos = answer_positions(batch.answer_mask)
+    assert pos.min() == 0.0 and pos.max() == 1.0 and len(pos) == batch.n_answer_tokens
