@@ -38,13 +38,19 @@ LORA_TARGETS_HELP = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_pr
 
 
 def quiet_libraries() -> None:
-    """Keep stderr for real errors: the pipeline fails a run on any error text there (SPEC §1)."""
+    """Keep stderr for real errors: the pipeline fails a run on any error text there (SPEC §1).  Libraries'
+    deprecation notices are dropped; any other warning is printed as one line on stdout."""
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|transformers|torch)\..*")
-    warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
+    warnings.showwarning = _warning_to_stdout
+
+
+def _warning_to_stdout(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {category.__name__}: {message} ({Path(filename).name}:{lineno})", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,6 +157,9 @@ def build_model(model_cfg, gradient_checkpointing: bool, device: torch.device) -
     model = get_peft_model(base, lora)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant checkpointing needs no inputs that require grad; the hook PEFT adds for the reentrant
+        # kind would also break GRAFF's forward-mode JVP (torch.func refuses requires_grad_ inside a transform)
+        base.disable_input_require_grads()
     model.config.use_cache = False   # training forwards never need the KV cache; generate() asks for it itself
     model.to(device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -1010,7 +1019,7 @@ class GRAFF(Planner):
                      "token_mult_mean": float(m.mean()) if m is not None else 1.0,
                      "token_mult_std": float(m.std()) if m is not None and m.numel() > 1 else 0.0,
                      "entropy_mean": float(x[0, 1]), "budget_left": ctx.budget_left,
-                     "w_norm": float(self.net.W.norm()), "h_norm": float(self.h.norm())}
+                     "w_norm": float(self.net.W.detach().norm()), "h_norm": float(self.h.norm())}
         self.curv.before_step()
         return self.eta
 

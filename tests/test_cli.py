@@ -1,0 +1,95 @@
+"""Smoke tests of the real command line: every run file in trial mode, and the fail-fast paths.
+
+Runs whose model or data live on the Hugging Face hub (unreachable here and in CI) run with local stand-ins of
+the same kind: `model.name=embedded` with a config-built Qwen3 of the real architecture but two small layers,
+and `dataset.name` a local folder of GSM8K-format JSONL files.  Every code path but the download is exercised
+(bf16 autocast, gradient checkpointing, gradient accumulation, streaming, the warm-start checkpoint).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from src import main as entry
+from src.preprocess import synthetic_problem
+from tests.conftest import REPO
+
+RUN_FILES = sorted(p.stem for p in (Path(REPO) / "config" / "runs").glob("*.yaml"))
+# the pre-training run first: it writes the GRAFF checkpoint the warm-started runs load
+RUN_FILES = sorted(RUN_FILES, key=lambda r: not r.startswith("pretrain"))
+STANDIN_MODEL = ["model.name=embedded", "model.parameter_count=null", "model.embedded.layers=2",
+                 "model.embedded.hidden=256", "model.embedded.heads=4", "model.embedded.kv_heads=2",
+                 "model.embedded.head_dim=64", "model.embedded.intermediate=512"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="module")
+def gsm8k_standin(tmp_path_factory):
+    """A local folder in GSM8K format (question; reasoning lines; '#### N')."""
+    import random
+    folder = tmp_path_factory.mktemp("gsm8k-standin")
+    rng = random.Random(1)
+    for split, n in (("train", 160), ("test", 16)):
+        rows = [synthetic_problem(rng, 3) for _ in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def standins(run_id: str, data: Path) -> list[str]:
+    from omegaconf import OmegaConf
+    text = OmegaConf.load(Path(REPO) / "config" / "runs" / f"{run_id}.yaml")
+    model = OmegaConf.select(text, "model.name", default="embedded")
+    dataset = OmegaConf.select(text, "dataset.name", default="synthetic")
+    out = []
+    if model not in ("embedded",) and not Path(model).exists():
+        out += STANDIN_MODEL
+    elif model == "embedded" and OmegaConf.select(text, "model.embedded.layers", default=4) > 4:
+        out += ["model.parameter_count=null", "model.embedded.layers=2"]   # the 70 M model, shrunk for CPU time
+    if dataset not in ("synthetic",) and not Path(dataset).exists():
+        out += [f"dataset.name={data}"]
+    return out
+
+
+@pytest.mark.parametrize("run_id", RUN_FILES)
+def test_every_run_file_runs_in_trial_mode(run_id, results, gsm8k_standin, capfd):
+    argv = [f"run={run_id}", f"results_dir={results}", "mode=trial", *standins(run_id, gsm8k_standin)]
+    start = time.perf_counter()
+    code = entry.run(argv)
+    out, err = capfd.readouterr()
+    assert code == 0, out + err
+    assert err.strip() == "", err                       # the pipeline fails a run on any error text in stderr
+    assert "done: " in out
+    assert time.perf_counter() - start < 60              # well under a minute on 2 cores
+    if run_id.startswith("proposed-iter1-Qwen3") or run_id.startswith("ablation-") and "Qwen3" in run_id:
+        assert "starting cold" not in out                # loaded the pre-training run's checkpoint
+    assert not (Path(results) / "wandb").exists()        # trial mode: W&B disabled
+
+
+def test_the_real_cli_trial_run_has_a_clean_stderr(tmp_path):
+    proc = subprocess.run([sys.executable, "-u", "-m", "src.main", "run=comparative-5-iter1-tiny-synthetic",
+                           f"results_dir={tmp_path}", "mode=trial"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "final dev EM" in proc.stdout
+
+
+def test_a_hub_model_without_network_fails_at_once_with_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "src.main", "run=proposed-iter1-Qwen3-0.6B-gsm8k",
+                           f"results_dir={tmp_path}", "mode=trial"], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unreachable" in lines[0] and "Traceback" not in proc.stderr
+    assert time.perf_counter() - start < 60
+    assert not any(tmp_path.iterdir()) or not (tmp_path / "wandb").exists()

@@ -1,0 +1,141 @@
+"""A short full run of embedded runs (budget, W&B offline record) followed by `evaluate` on them."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from src import evaluate as ev
+from src import main as entry
+from src import train as tr
+from tests.conftest import REPO
+
+BUDGET_MIN = 0.4
+
+
+def test_metric_names_are_shared_by_train_and_evaluate():
+    for name in ("EM", "EM_FLEX", "EVAL_AT", "LOSS", "LR", "TOKENS_PER_S", "ELAPSED", "FINAL_EM", "FINAL_EM_FLEX",
+                 "BEST_EM", "AUC", "FINAL_CORRECT", "PROBLEM_DIGEST", "ENERGY", "PEAK_MEM", "CONTAM_EM"):
+        assert getattr(ev, name) == getattr(tr, name), name
+    assert ev.SUMMARY_METRICS["dev_em_30min"][0] == tr.em_at_mark(30)
+
+
+def test_offline_record_round_trip_with_the_installed_wandb(tmp_path):
+    import wandb
+    run = wandb.init(mode="offline", project="graff-test", id="rt-1", dir=str(tmp_path), config={"a": 1, "b": {"c": 2}},
+                     settings=wandb.Settings(console="off", silent=True))
+    for step in range(1, 40):
+        run.log({"train/loss": 1.0 / step, "train/lr": 0.1}, step=step)
+        if step % 10 == 0:
+            run.log({"eval/exact_match": float(step)}, step=step)
+    run.summary["final/exact_match"] = 42.5
+    run.summary["final/correct_strict"] = "0110"
+    run.finish()
+    [path] = ev.local_segments(tmp_path, "rt-1")
+    history, summary, config, finished = ev.read_wandb_file(path)
+    steps = [r["_step"] for r in history]
+    assert steps == list(range(1, 40)) and finished
+    assert history[9]["eval/exact_match"] == 10.0 and history[9]["train/loss"] == pytest.approx(0.1)
+    assert summary["final/exact_match"] == 42.5 and summary["final/correct_strict"] == "0110"
+    assert config["a"] == 1 and config["b"] == {"c": 2}
+
+
+def test_resumed_segments_merge_without_gap_or_duplicate():
+    first = ([{"_step": s, "x": "old"} for s in range(0, 8)], {"k": 1}, {}, False)
+    second = ([{"_step": s, "x": "new"} for s in range(5, 12)], {"k": 2}, {}, True)
+    history, summary, _, finished = ev.merge_segments([first, second])
+    assert [r["_step"] for r in history] == list(range(12))
+    assert [r["x"] for r in history] == ["old"] * 5 + ["new"] * 7
+    assert summary == {"k": 2} and finished
+    fresh = ([{"_step": s, "x": "fresh"} for s in range(0, 3)], {"k": 3}, {}, True)
+    history, summary, _, _ = ev.merge_segments([first, second, fresh])    # a re-run from scratch replaces all
+    assert [r["x"] for r in history] == ["fresh"] * 3 and summary == {"k": 3}
+
+
+@pytest.fixture(scope="module")
+def two_full_runs(tmp_path_factory):
+    results = tmp_path_factory.mktemp("full")
+    outputs = {}
+    mp = pytest.MonkeyPatch()
+    mp.delenv("WANDB_API_KEY", raising=False)
+    for run_id in ("comparative-5-iter1-tiny-synthetic", "comparative-4-iter1-tiny-synthetic"):
+        import io
+        from contextlib import redirect_stdout
+        buffer = io.StringIO()
+        with redirect_stdout(buffer):
+            code = entry.run([f"run={run_id}", f"results_dir={results}", "mode=full",
+                              f"training.budget_minutes={BUDGET_MIN}", "evaluation.interval_steps=25"])
+        assert code == 0
+        outputs[run_id] = buffer.getvalue()
+    mp.undo()
+    return results, outputs
+
+
+def test_full_run_stops_at_the_budget_and_logs_offline(two_full_runs):
+    results, outputs = two_full_runs
+    run_id = "comparative-5-iter1-tiny-synthetic"
+    assert "logging offline instead" in outputs[run_id] and "wandb sync" in outputs[run_id]
+    [path] = ev.local_segments(results, run_id)
+    history, summary, config, finished = ev.read_wandb_file(path)
+    assert finished and config["run_id"] == run_id and config["training"]["budget_minutes"] == BUDGET_MIN
+    budget = 60 * BUDGET_MIN
+    step_times = [r[tr.STEP_TIME] for r in history if tr.STEP_TIME in r]
+    eval_times = [r[tr.EVAL_DURATION] for r in history if tr.EVAL_DURATION in r]
+    # the budget includes evaluation: the run ends before B, short of it by less than one step plus the slack of
+    # the final evaluation's reserve (the longest evaluation so far)
+    assert summary["final/elapsed_s"] <= budget
+    assert budget - summary["final/elapsed_s"] <= max(step_times) + max(eval_times)
+    for key in (tr.LOSS, tr.LR, tr.GRAD_NORM, tr.TOKENS_PER_S, tr.ELAPSED, tr.BUDGET_LEFT):
+        assert all(key in r for r in history if tr.STEP_TIME in r), key
+    evals = [r for r in history if tr.EM in r]
+    assert len(evals) >= 3 and all(tr.EM_FLEX in r and tr.ELAPSED in r for r in evals)
+    assert evals[0]["_step"] == 0                               # the untrained model, at step 0
+    assert summary[tr.FINAL_EM] == evals[-1][tr.EM]
+    assert len(summary[tr.FINAL_CORRECT]) == summary["eval/n_problems"] == 200
+    losses = [r[tr.LOSS] for r in history if tr.LOSS in r]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10      # it learns
+    assert "energy/joules" not in summary and summary["energy/available"] is False   # CPU: absent, never 0
+
+
+def test_evaluate_writes_every_file_for_the_runs(two_full_runs):
+    results, _ = two_full_runs
+    ids = ["comparative-5-iter1-tiny-synthetic", "comparative-4-iter1-tiny-synthetic", "proposed-iter1-missing"]
+    proc = subprocess.run([sys.executable, "-m", "src.evaluate", f"results_dir={results}", f"run_ids={json.dumps(ids)}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "proposed-iter1-missing" in proc.stdout             # a missing run: one line, the rest goes on
+    for run_id in ids[:2]:
+        folder = results / run_id
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["status"] == "finished" and metrics["history"] and metrics["config"]["run_id"] == run_id
+        for topic in ("learning_curve", "em_vs_time", "lr_trajectory"):
+            assert (folder / f"{run_id}_{topic}.pdf").stat().st_size > 1000
+    agg = json.loads((results / "comparison" / "aggregated_metrics.json").read_text())
+    assert agg["primary_metric"] == "Exact-match accuracy at 30 min wall-clock."
+    assert set(agg) >= {"primary_metric", "metrics", "best_proposed", "best_baseline", "gap"}
+    assert agg["best_proposed"] is None and agg["gap"] is None  # no proposed run: null and a note, not a crash
+    assert any("no proposed run" in n for n in agg["notes"])
+    assert agg["best_baseline"]["run_id"] in ids[:2]
+    values = agg["metrics"]["dev_em_at_budget"]
+    assert agg["best_baseline"]["value"] == max(values.values())
+    assert agg["metrics"]["budget_minutes"][ids[0]] == BUDGET_MIN
+    for topic in ("em_bar", "em_boxplot", "em_vs_time", "lr_trajectories"):
+        assert (results / "comparison" / f"comparison_{topic}.pdf").is_file()
+    assert (results / "comparison" / "metrics_table.md").read_text().startswith("| run_id |")
+    assert ids[1] not in agg["significance"]["mcnemar_vs_best_proposed"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["results_dir=/nonexistent-dir", 'run_ids=["a"]'], "does not exist"),
+    (["results_dir=.", "run_ids=[a, b]"], "not a JSON list"),
+    (["results_dir=.", 'run_ids={"a": 1}'], "non-empty JSON list"),
+    (["results_dir=."], "missing run_ids"),
+    ([".", '["a"]'], "not key=value"),
+    (["results_dir=.", 'run_ids=["a"]', "verbose=1"], "unknown argument"),
+])
+def test_evaluate_refuses_bad_arguments_in_one_line(args, message):
+    proc = subprocess.run([sys.executable, "-m", "src.evaluate", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr and "Traceback" not in proc.stderr
