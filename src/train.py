@@ -138,6 +138,7 @@ class Tracker:
             except Exception as err:   # unreachable server, bad key: the run goes on offline
                 first = (str(err).splitlines() or [type(err).__name__])[0]
                 print(f"W&B: online start failed ({first[:160]}): logging offline instead")
+                wandb.teardown()         # release the half-started run's id so the offline run can take it
                 mode = "offline"
         if mode == "offline":
             self.run = wandb.init(mode="offline", settings=wandb.Settings(**settings), **kwargs)

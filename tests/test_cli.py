@@ -83,7 +83,7 @@ def test_the_real_cli_trial_run_has_a_clean_stderr(tmp_path):
 
 
 def test_a_hub_model_without_network_fails_at_once_with_one_line(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "src.main", "run=proposed-iter1-Qwen3-0.6B-gsm8k",
                            f"results_dir={tmp_path}", "mode=trial"], cwd=REPO, capture_output=True, text=True,
