@@ -171,18 +171,10 @@ class CheckpointingConfig:
 
 
 @dataclass
-class SearchParam:
-    type: str = MISSING                          # loguniform | uniform | int | categorical
-    low: Optional[float] = None
-    high: Optional[float] = None
-    choices: Optional[List[Any]] = None
-
-
-@dataclass
 class OptunaConfig:
     n_trials: int = MISSING
     direction: str = MISSING
-    search_space: Dict[str, SearchParam] = field(default_factory=dict)
+    search_space: Dict[str, Any] = field(default_factory=dict)   # name -> {type, low, high} or {type, choices}
     storage: Optional[str] = MISSING             # null = sqlite:///<results_dir>/optuna/<run_id>.db
     study_name: Optional[str] = MISSING          # null = the run id
     pruner: str = MISSING                        # none | median
@@ -483,6 +475,10 @@ def validate(cfg: DictConfig, explicit: set[str]) -> None:
     _check(o.heartbeat_s >= 1, "optuna.heartbeat_s must be ≥ 1")
     for name, spec in o.search_space.items():
         resolve_search_path(name, cfg)
+        _check(isinstance(spec, DictConfig) and "type" in spec and set(spec) <= {"type", "low", "high", "choices"},
+               f"optuna.search_space.{name} must be a mapping with `type` and low/high or choices, e.g. "
+               f"{{type: loguniform, low: 1.0e-4, high: 1.0e-2}}")
+        spec = OmegaConf.merge({"low": None, "high": None, "choices": None}, spec)
         _check(spec.type in ("loguniform", "uniform", "int", "categorical"),
                f"optuna.search_space.{name}.type={spec.type}: use loguniform, uniform, int or categorical")
         if spec.type == "categorical":
@@ -586,6 +582,7 @@ def distributions(cfg: DictConfig) -> dict:
     import optuna.distributions as d
     out = {}
     for name, spec in cfg.optuna.search_space.items():
+        spec = OmegaConf.merge({"low": None, "high": None, "choices": None}, spec)
         if spec.type == "categorical":
             out[name] = d.CategoricalDistribution(list(spec.choices))
         elif spec.type == "int":
@@ -623,20 +620,17 @@ def fail_dead_local_trials(study) -> None:
         owner = str(trial.user_attrs.get("worker", ""))
         if not owner.startswith(host + ":"):
             continue
-        pid = int(owner.rsplit(":", 1)[1])
-        try:
-            os.kill(pid, 0)
-            continue
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if _worker_alive(owner):
             continue
         study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
-def run_search(cfg: DictConfig, explicit: set[str]) -> DictConfig:
-    """Run the trials still missing from the persistent study; return cfg with the best parameters."""
+def run_search(cfg: DictConfig, explicit: set[str]) -> tuple[DictConfig | None, dict]:
+    """Run the trials still missing from the persistent study.  Returns cfg with the best parameters and what
+    the final run records about the search, or (None, {}) when another live worker has claimed the final run."""
+    import warnings
+
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
     from optuna.trial import TrialState
@@ -644,6 +638,9 @@ def run_search(cfg: DictConfig, explicit: set[str]) -> DictConfig:
     from src.train import NonFiniteTraining, train
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # heartbeats and stale-trial retries are marked experimental; our own loop records the heartbeats itself
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     url = storage_url(cfg)
     name = cfg.optuna.study_name or cfg.run_id
     storage = RDBStorage(url, heartbeat_interval=cfg.optuna.heartbeat_s, grace_period=4 * cfg.optuna.heartbeat_s,
@@ -704,10 +701,35 @@ def run_search(cfg: DictConfig, explicit: set[str]) -> DictConfig:
                           f"lines above, fix the cause, and re-run the same command")
     print(f"search done: best trial {best.number} with EM {best.value:.2f}% | "
           + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
+    with claim_lock(url):    # one final run per study, whichever worker gets here first
+        owner = study.user_attrs.get("final_run_worker")
+        if owner and owner != WORKER and _worker_alive(owner):
+            print(f"search complete; the final run is being done by worker {owner}")
+            return None, {}
+        study.set_user_attr("final_run_worker", WORKER)
     final = with_params(cfg, best.params)
     final.optuna.study_name = name
     final.optuna.storage = url
-    return final
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
+    info = {"search/study": name, "search/best_trial": best.number, "search/best_value": best.value,
+            "search/trials_complete": sum(t.state.name == "COMPLETE" for t in finished),
+            "search/trials_failed_or_pruned": sum(t.state.name != "COMPLETE" for t in finished),
+            **{f"search/best/{k}": v for k, v in best.params.items()}}
+    return final, info
+
+
+def _worker_alive(owner: str) -> bool:
+    """Whether a worker "host:pid" is still running (workers on other hosts are assumed alive)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
 
 
 def _best(study):
@@ -736,6 +758,8 @@ def _fmt(value) -> str:
 # 6. The command line
 # ----------------------------------------------------------------------------------------------------
 def run(argv: list[str]) -> int:
+    from src.preprocess import route_warnings_to_stdout
+    route_warnings_to_stdout()
     cfg, explicit = compose(argv)
     validate(cfg, explicit)
     apply_mode(cfg, explicit)
@@ -744,9 +768,12 @@ def run(argv: list[str]) -> int:
     from src.preprocess import prepare_hub_access
     prepare_hub_access([cfg.model.name, cfg.dataset.name])
     from src.train import train
+    search_info = {}
     if cfg.optuna.n_trials > 0:
-        cfg = run_search(cfg, explicit)
-    outcome = train(cfg)
+        cfg, search_info = run_search(cfg, explicit)
+        if cfg is None:
+            return 0
+    outcome = train(cfg, search_info=search_info)
     return 0 if outcome.status in ("finished", "already_finished") else 1
 
 

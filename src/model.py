@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from src.preprocess import CACHE_DIR, MicroBatch, UserError, hub_offline, synthetic_corpus
+from src.preprocess import CACHE_DIR, MicroBatch, UserError, hub_offline, route_warnings_to_stdout, synthetic_corpus
 
 LORA_TARGETS_HELP = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
 
@@ -46,11 +46,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|transformers|torch)\..*")
-    warnings.showwarning = _warning_to_stdout
-
-
-def _warning_to_stdout(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {category.__name__}: {message} ({Path(filename).name}:{lineno})", flush=True)
+    route_warnings_to_stdout()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -42,6 +42,17 @@ class UserError(Exception):
     line on stderr and exit non-zero, with no traceback.  The message names the problem and the fix."""
 
 
+def route_warnings_to_stdout() -> None:
+    """Print any Python warning as one line on stdout: stderr is for errors only (the pipeline fails a run on
+    error text there), and a researcher still sees the warning."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {category.__name__}: {message} ({Path(filename).name}:{lineno})", flush=True)
+
+    warnings.showwarning = show
+
+
 def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
     """One TCP connect, so that a missing network fails in seconds instead of a long retry loop."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":

@@ -413,9 +413,10 @@ def make_autocast(device: torch.device, mixed_precision: str):
     return lambda: torch.autocast(device_type=device.type, enabled=False)
 
 
-def train(cfg, on_evaluation=None) -> RunOutcome:
+def train(cfg, on_evaluation=None, search_info: dict | None = None) -> RunOutcome:
     """One full training run as configured.  `on_evaluation(step, model_time_s, em)` is called after every
-    evaluation (Optuna uses it to prune); it may raise to stop the run."""
+    evaluation (Optuna uses it to prune); it may raise to stop the run.  `search_info` (the Optuna study behind
+    this run's values) goes into the W&B summary."""
     quiet_libraries()
     results_dir = Path(cfg.results_dir)
     t_cfg, e_cfg = cfg.training, cfg.evaluation
@@ -486,7 +487,7 @@ def train(cfg, on_evaluation=None) -> RunOutcome:
     tracker.start(OmegaConf.to_container(cfg, resolve=True))
     tracker.summary({"model/parameters": loaded.n_params, "model/trainable_parameters": loaded.n_trainable,
                      "budget/minutes": float(t_cfg.budget_minutes), "eval/n_problems": len(dev),
-                     PROBLEM_DIGEST: problem_set_digest(dev), "data/device": str(device)})
+                     PROBLEM_DIGEST: problem_set_digest(dev), "data/device": str(device), **(search_info or {})})
     energy = EnergyMeter(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
