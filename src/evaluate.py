@@ -481,14 +481,17 @@ def analyse(results_dir: Path, run_ids: list[str]) -> dict:
             if values:
                 metrics.setdefault(name, {})[run_id] = combined[name]
         seed_values = [m[PRIMARY_KEY] for m in per_seed.values() if m.get(PRIMARY_KEY) is not None]
-        entry = {"value": combined.get(PRIMARY_KEY), "seed_values": seed_values, "ci95": None, "ci_method": None}
+        entry = {"value": combined.get(PRIMARY_KEY), "seed_values": seed_values, "seed_runs": list(per_seed),
+                 "ci95": None, "ci_method": None, "bootstrap_ci95": None}
+        bits = main_rec.summary.get(FINAL_CORRECT)
+        if isinstance(bits, str) and bits:
+            entry["bootstrap_ci95"] = list(bootstrap_ci([int(c) for c in bits]))
         if len(seed_values) >= 2:
             entry.update(seed_stats(seed_values), ci_method="t-interval across seeds")
             entry["value"] = entry["mean"]
-        elif isinstance(main_rec.summary.get(FINAL_CORRECT), str) and main_rec.summary[FINAL_CORRECT]:
-            correct = [int(c) for c in main_rec.summary[FINAL_CORRECT]]
-            entry["ci95"], entry["ci_method"] = list(bootstrap_ci(correct)), \
-                f"bootstrap over {len(correct)} problems ({BOOTSTRAP_RESAMPLES} resamples)"
+        elif entry["bootstrap_ci95"]:
+            entry["ci95"] = entry["bootstrap_ci95"]
+            entry["ci_method"] = f"bootstrap over {len(bits)} problems ({BOOTSTRAP_RESAMPLES} resamples)"
         primary[run_id] = entry
         figures = run_figures(main_rec, out)
         payload = {"run_id": run_id, "status": status, "source": main_rec.source, "metrics": combined,
@@ -530,7 +533,9 @@ def analyse(results_dir: Path, run_ids: list[str]) -> dict:
                                 + ("budgets (min): " + ", ".join(f"{r}={v:g}" for r, v in budgets.items())
                                    if budgets else "budgets unknown")
                                 + "; the mean across seeds where a run has several"),
-        "seed_groups": {r: {k: v for k, v in e.items() if k != "value"} for r, e in primary.items()},
+        "seed_groups": {r: {k: v for k, v in e.items() if k not in ("value", "bootstrap_ci95")}
+                        for r, e in primary.items()},
+        "bootstrap_ci95": {r: e["bootstrap_ci95"] for r, e in primary.items()},
         "significance": significance,
         "notes": notes,
     }
