@@ -1106,7 +1106,7 @@ class GRAFF(Planner):
             self.lm.probe_ids = probe
             self.lm.train(was_training)
         d = d.detach().float().cpu()[: p.phi.shape[0]]
-        return -float(p.eta) * d / p.n_tokens
+        return -float(p.eta.detach()) * d / p.n_tokens
 
     def track_regret(self, ctx: StepContext) -> None:
         """R_T = (L̄_T − L_best) / time_T with L̄_T the running average loss and L_best its minimum so far."""

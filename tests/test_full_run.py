@@ -8,6 +8,7 @@ import pytest
 from src import evaluate as ev
 from src import main as entry
 from src import train as tr
+from src.preprocess import synthetic_problem
 from tests.conftest import REPO
 
 BUDGET_MIN = 0.4
@@ -58,13 +59,18 @@ def two_full_runs(tmp_path_factory):
     outputs = {}
     mp = pytest.MonkeyPatch()
     mp.delenv("WANDB_API_KEY", raising=False)
-    for run_id in ("comparative-5-iter1-tiny-synthetic", "comparative-4-iter1-tiny-synthetic"):
+    import random
+    rng = random.Random(5)                      # a local GSM1k stand-in: the contamination check's second set
+    gsm1k = results / "gsm1k.jsonl"
+    gsm1k.write_text("".join(json.dumps(synthetic_problem(rng, 2)) + "\n" for _ in range(12)))
+    for run_id, extra in (("comparative-5-iter1-tiny-synthetic", [f"dataset.contamination_path={gsm1k}"]),
+                          ("comparative-4-iter1-tiny-synthetic", [])):
         import io
         from contextlib import redirect_stdout
         buffer = io.StringIO()
         with redirect_stdout(buffer):
             code = entry.run([f"run={run_id}", f"results_dir={results}", "mode=full",
-                              f"training.budget_minutes={BUDGET_MIN}", "evaluation.interval_steps=25"])
+                              f"training.budget_minutes={BUDGET_MIN}", "evaluation.interval_steps=25", *extra])
         assert code == 0
         outputs[run_id] = buffer.getvalue()
     mp.undo()
@@ -95,6 +101,8 @@ def test_full_run_stops_at_the_budget_and_logs_offline(two_full_runs):
     losses = [r[tr.LOSS] for r in history if tr.LOSS in r]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10      # it learns
     assert "energy/joules" not in summary and summary["energy/available"] is False   # CPU: absent, never 0
+    assert summary["contamination/n_problems"] == 12 and 0 <= summary[tr.CONTAM_EM] <= 100     # logged apart
+    assert "contamination set: EM" in outputs[run_id]
 
 
 def test_evaluate_writes_every_file_for_the_runs(two_full_runs):
@@ -120,6 +128,7 @@ def test_evaluate_writes_every_file_for_the_runs(two_full_runs):
     values = agg["metrics"]["dev_em_at_budget"]
     assert agg["best_baseline"]["value"] == max(values.values())
     assert agg["metrics"]["budget_minutes"][ids[0]] == BUDGET_MIN
+    assert ids[0] in agg["metrics"]["contamination_em"] and ids[1] not in agg["metrics"]["contamination_em"]
     for topic in ("em_bar", "em_boxplot", "em_vs_time", "lr_trajectories"):
         assert (results / "comparison" / f"comparison_{topic}.pdf").is_file()
     assert (results / "comparison" / "metrics_table.md").read_text().startswith("| run_id |")
