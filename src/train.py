@@ -160,7 +160,11 @@ class Tracker:
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
+            import wandb
             self.run.finish(exit_code=exit_code)
+            # finish() can return before the record file is complete (seen with wandb 0.31 offline); shutting the
+            # service down waits for it, so whatever reads the record next (evaluate, a test) sees all of it
+            wandb.teardown()
             self.run = None
 
 

@@ -32,6 +32,7 @@ def test_offline_record_round_trip_with_the_installed_wandb(tmp_path):
     run.summary["final/exact_match"] = 42.5
     run.summary["final/correct_strict"] = "0110"
     run.finish()
+    wandb.teardown()          # finish() may return before the file is complete; teardown waits (as train.py does)
     [path] = ev.local_segments(tmp_path, "rt-1")
     history, summary, config, finished = ev.read_wandb_file(path)
     steps = [r["_step"] for r in history]
