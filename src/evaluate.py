@@ -432,11 +432,20 @@ def _save(fig, path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------------
 # The analysis
 # ----------------------------------------------------------------------------------------------------
-def replicate_ids(results_dir: Path, run_id: str) -> list[str]:
-    """The run id itself and its `-seed<N>` replicates recorded locally."""
-    seeds = sorted({rid for _, _, rid, _ in run_folders(results_dir)
-                    if re.fullmatch(rf"{re.escape(run_id)}-seed\d+", rid)})
-    return [run_id] + seeds
+def replicate_ids(results_dir: Path, run_id: str, entity=None, project=None) -> list[str]:
+    """The run id itself and its `-seed<N>` replicates: those recorded locally, or, when the run has no local
+    record at all, the members of its W&B group (train.py groups a run with its seed replicates)."""
+    pattern = re.compile(rf"{re.escape(run_id)}(-seed\d+)?")
+    local = {rid for _, _, rid, _ in run_folders(results_dir) if pattern.fullmatch(rid)}
+    if not local and project:
+        try:
+            import wandb
+            api = wandb.Api(timeout=20)
+            runs = api.runs(f"{entity or api.default_entity}/{project}", filters={"group": run_id})
+            local = {r.id for r in runs if pattern.fullmatch(r.id)}
+        except Exception:   # no key or no network: load_run reports the run as missing
+            pass
+    return [run_id] + sorted(local - {run_id})
 
 
 def analyse(results_dir: Path, run_ids: list[str]) -> dict:
@@ -451,10 +460,11 @@ def analyse(results_dir: Path, run_ids: list[str]) -> dict:
     primary: dict[str, dict] = {}
     for run_id in run_ids:
         recs = []
-        for rid in replicate_ids(results_dir, run_id):
+        replicates = replicate_ids(results_dir, run_id, entity, project)
+        for rid in replicates:
             loaded = load_run(results_dir, rid, entity, project)
             if isinstance(loaded, str):
-                if rid == run_id and len(replicate_ids(results_dir, run_id)) == 1:
+                if rid == run_id and len(replicates) == 1:
                     notes.append(loaded)
                     print(f"skipped: {loaded}")
                 continue

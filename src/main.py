@@ -158,6 +158,7 @@ class EvaluationConfig:
     interval_steps: int = MISSING                # 0 = only the start, marks and the end
     metrics: List[str] = MISSING                 # exact_match (strict and flexible are both logged)
     max_problems: Optional[int] = MISSING        # null = the whole dev split
+    periodic_problems: Optional[int] = MISSING   # fixed random subset for step-0 and periodic evaluations (null: all)
     batch_size: int = MISSING
     max_new_tokens: int = MISSING
     at_start: bool = MISSING                     # evaluate the untrained model at step 0 (counted in the budget)
@@ -465,6 +466,7 @@ def validate(cfg: DictConfig, explicit: set[str]) -> None:
     _check(list(e.metrics) == ["exact_match"], f"evaluation.metrics={list(e.metrics)}: only [exact_match] is "
                                                f"computed (strict and flexible are both logged)")
     _check(e.max_problems is None or e.max_problems >= 1, "evaluation.max_problems must be ≥ 1 or null")
+    _check(e.periodic_problems is None or e.periodic_problems >= 1, "evaluation.periodic_problems must be ≥ 1 or null")
     _check(e.batch_size >= 1 and e.max_new_tokens >= 1 and e.interval_steps >= 0,
            "evaluation: batch_size and max_new_tokens must be ≥ 1, interval_steps ≥ 0")
     _check(all(m >= 1 for m in e.marks_minutes), "evaluation.marks_minutes must be whole minutes ≥ 1")

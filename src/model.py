@@ -302,27 +302,45 @@ def block_dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], owner: to
 class SecantCurvature:
     """Hessian-free curvature along the optimiser's update, per block and in total (shared by GRAFF and SALeLR).
 
-    With θ_{t+1} = θ_t − η_t·u_t and a_t = ⟨g_t, u_t⟩, b_t = ⟨g_{t+1}, u_t⟩, the secant H·(θ_{t+1} − θ_t) ≈
-    g_{t+1} − g_t gives
-        λ̂_t = (a_t − b_t) / (η_t · a_t)  =  uᵀHu / gᵀu,
-    the curvature of the loss along u measured in units of the first-order decrease.  On the one-dimensional
-    quadratic model along u, the step lowers the loss iff η_t·λ̂_t < 2 whatever the optimiser (for plain gradient
-    descent λ̂ is the Rayleigh quotient of H along g; for Adam it is the sharpness of the preconditioned step),
-    which is why the edge-of-stability guard η·λ̂ ≤ 1.9 is stated on this quantity.  Cost: a copy of θ and two
-    dot products per step; no extra forward or backward pass.  g_{t+1} comes from another mini-batch, so
-    single estimates are noisy: `lam_max` is an EMA of their positive part (a negative estimate says "no
-    curvature evidence" along this step)."""
+    The step is θ_{t+1} = θ_t − η_t·u_t.  The secant H·(θ_{t+1} − θ_t) ≈ g_{t+1} − g_t, dotted with a direction v_t,
+    gives with a_t = ⟨g_t, v_t⟩ and b_t = ⟨g_{t+1}, v_t⟩
+        λ̂_t = (a_t − b_t) / (η_t · a_t)  ≈  vᵀHu / ∇Lᵀv,
+    the curvature along the update in units of the first-order decrease.  With v = u, on the one-dimensional
+    quadratic model along u, the step lowers the loss iff η_t·λ̂_t < 2 whatever the optimiser (for gradient
+    descent λ̂ is the Rayleigh quotient of H along g; for Adam, the sharpness of its preconditioned step), which is
+    why the edge-of-stability guard η·λ̂ ≤ 1.9 is stated on this quantity.
+
+    Why v is not simply u: g_t's mini-batch noise ξ_t is part of u_t (Adam's step contains (1−β1)·P·g_t), so
+    ⟨g_t, u_t⟩ carries +⟨ξ_t, (1−β1)Pξ_t⟩ that ⟨g_{t+1}, u_t⟩ does not (ξ_{t+1} is independent of u_t).  The naive
+    estimate is then biased toward c/η_t whenever noise dominates the gradient, late in training above all, and a
+    planner that lowers η when λ̂ rises feeds the bias back into λ̂ (lower η, higher λ̂, lower η...).  Here v_t is
+    the part of AdamW's step that was fixed before g_t arrived: v_t = β1·m_{t−1} / ((1−β1^k)(√v̂_{t−1} + ε)) + λ_wd·θ_t
+    (momentum and weight decay, preconditioned as of step t−1), computed before the step and independent of ξ_t,
+    so a_t and b_t are unbiased; with β1 = 0.9 it is 90% of the step, and vᵀHu/∇Lᵀv measures the same curvature.
+    No estimate is made at the first step (no momentum yet).  Optimisers without Adam state use v = u.
+
+    Cost: a copy of θ, the update and v, and three dot products per step; no extra forward or backward pass.
+    Single estimates are noisy (two mini-batches): `lam_max` is an EMA (`ema`) of the signed estimates, read as
+    max(EMA, 0).  `b_total` = ⟨g_{t+1}, u_t⟩ (unbiased as it is) is GRAFF's hypergradient."""
 
     def __init__(self, params: Sequence[nn.Parameter], owner: torch.Tensor, n_blocks: int, ema: float):
         self.params, self.owner, self.n_blocks, self.ema = list(params), owner, n_blocks, ema
         self._before: list[torch.Tensor] | None = None
         self.u: list[torch.Tensor] | None = None       # u_t, same shapes as params
+        self.v: list[torch.Tensor] | None = None       # v_t: u_t without g_t's own share
         self.eta = 0.0                                 # η_t of the step u_t belongs to
-        self.a_blocks: torch.Tensor | None = None      # ⟨g_t, u_t⟩ per block: (n_blocks,)
+        self.a_blocks: torch.Tensor | None = None      # ⟨g_t, v_t⟩ per block: (n_blocks,)
         self.lam_blocks = torch.zeros(n_blocks)        # latest per-block λ̂ (0 where unknown)
         self.lam = float("nan")                        # latest total λ̂
-        self.lam_max = 0.0                             # smoothed positive λ̂ used by the guard (0 = unknown)
+        self.lam_ema = float("nan")                    # EMA of the total λ̂
         self.b_total = 0.0                             # ⟨g_{t+1}, u_t⟩ over all parameters (GRAFF's hypergradient)
+        self._v_next: list = []                        # v_t of the coming step (set before it)
+        self._groups: dict | None = None               # parameter -> its optimiser group
+
+    @property
+    def lam_max(self) -> float:
+        """The curvature the guard and SALeLR use: max(EMA of λ̂, 0); 0 while unknown."""
+        return max(self.lam_ema, 0.0) if math.isfinite(self.lam_ema) else 0.0
 
     @torch.no_grad()
     def observe(self) -> bool:
@@ -330,43 +348,68 @@ class SecantCurvature:
         if self.u is None or self.a_blocks is None:
             return False
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        b_blocks = block_dots(grads, self.u, self.owner, self.n_blocks)
+        self.b_total = float(block_dots(grads, self.u, self.owner, self.n_blocks).sum())
+        b_blocks = block_dots(grads, self.v, self.owner, self.n_blocks)
         a_blocks = self.a_blocks
-        self.b_total = float(b_blocks.sum())
-        a_total = float(a_blocks.sum())
+        a_total, b_total = float(a_blocks.sum()), float(b_blocks.sum())
+        self.pair = (a_total, b_total)                 # ⟨g_t, v_t⟩, ⟨g_{t+1}, v_t⟩ (for tests and logging)
         valid = a_blocks > 1e-30
         lam_blocks = torch.where(valid, (a_blocks - b_blocks) / (self.eta * a_blocks.clamp(min=1e-30)),
                                  torch.zeros_like(a_blocks))
         self.lam_blocks = lam_blocks.cpu()
         if a_total > 1e-30 and self.eta > 0:
-            self.lam = (a_total - self.b_total) / (self.eta * a_total)
-            positive = max(self.lam, 0.0)
-            self.lam_max = positive if self.lam_max == 0.0 else self.ema * self.lam_max + (1 - self.ema) * positive
+            self.lam = (a_total - b_total) / (self.eta * a_total)
+            self.lam_ema = self.lam if not math.isfinite(self.lam_ema) else \
+                self.ema * self.lam_ema + (1 - self.ema) * self.lam
         return True
 
     @torch.no_grad()
-    def before_step(self) -> None:
+    def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Before the optimiser step: keep θ_t and the direction v_t (see the class docstring)."""
         self._before = [p.detach().clone() for p in self.params]
+        if optimizer is not None and self._groups is None:
+            self._groups = {id(q): group for group in optimizer.param_groups for q in group["params"]}
+        self._v_next = [committed_direction(p, optimizer, (self._groups or {}).get(id(p))) for p in self.params]
 
     @torch.no_grad()
     def after_step(self, eta: float, grad_scale: float) -> None:
-        """After the optimiser step: u_t = (θ_t − θ_{t+1})/η_t and a_t = ⟨g_t, u_t⟩ (g_t unclipped)."""
+        """After the optimiser step (g_t, clipped, still in .grad): u_t = (θ_t − θ_{t+1})/η_t and a_t = ⟨g_t, v_t⟩
+        with g_t unclipped."""
         if self._before is None or eta <= 0:
             return
         self.u = [(b - p.detach()) / eta for b, p in zip(self._before, self.params)]
+        if any(v is False for v in self._v_next):      # the first AdamW step: no momentum, no estimate
+            self.reset_pair()
+            return
+        self.v = [u if v is None else v for u, v in zip(self.u, self._v_next)]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self.a_blocks = block_dots(grads, self.u, self.owner, self.n_blocks) / grad_scale
+        self.a_blocks = block_dots(grads, self.v, self.owner, self.n_blocks) / grad_scale
         self.eta, self._before = eta, None
 
     def reset_pair(self) -> None:
         """Forget u_t (after a skipped step, the next gradient no longer pairs with it)."""
-        self.u, self.a_blocks, self._before = None, None, None
+        self.u, self.v, self.a_blocks, self._before = None, None, None, None
 
     def state_dict(self) -> dict:
-        return {"lam_max": self.lam_max, "lam": self.lam, "eta": self.eta}
+        return {"lam_ema": self.lam_ema, "lam": self.lam, "eta": self.eta}
 
     def load_state_dict(self, state: dict) -> None:
-        self.lam_max, self.lam, self.eta = state["lam_max"], state["lam"], state["eta"]
+        self.lam_ema, self.lam, self.eta = state["lam_ema"], state["lam"], state["eta"]
+
+
+def committed_direction(p: nn.Parameter, optimizer, group: dict | None):
+    """The part of AdamW's coming update of p that does not depend on the coming gradient:
+    β1·m_{t−1} / ((1−β1^k)(√v̂_{t−1} + ε)) + λ_wd·θ_t, with k the coming step's number.  None for an optimiser
+    without Adam state (the caller then uses the update itself); False before AdamW's first step."""
+    if optimizer is None or group is None or "betas" not in group or "eps" not in group:
+        return None
+    state = optimizer.state.get(p, {})
+    if "exp_avg" not in state or float(state["step"]) < 1:
+        return False
+    beta1, beta2 = group["betas"]
+    done = float(state["step"])                                     # k − 1 steps taken
+    denom = (state["exp_avg_sq"] / (1 - beta2 ** done)).sqrt() + group["eps"]
+    return beta1 * state["exp_avg"] / ((1 - beta1 ** (done + 1)) * denom) + group["weight_decay"] * p.detach()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -603,7 +646,7 @@ class SALeLR(Planner):
             self.eta = self.lr_init * min(max(reference / lam, lo), hi)
         else:
             self.eta = self.lr_init
-        self.curv.before_step()
+        self.curv.before_step(self.optimizer)
         return self.eta
 
     def after_step(self, ctx):
@@ -882,7 +925,7 @@ class GRAFF(Planner):
     * Nodes are adapter blocks (attention, MLP) per layer plus fully trained modules (see adapter_graph);
       edges link consecutive blocks and same-kind blocks of consecutive layers.
     * Curvature Δλ_i: the secant estimate along the update, per block (SecantCurvature): Hessian-free, no extra
-      pass.  λ̂_max, the guard's curvature, is the EMA (`curvature_ema`) of the positive total estimate: the
+      pass.  λ̂_max, the guard's curvature, is max(0, EMA (`curvature_ema`) of the total estimate): the
       curvature along the whole update, measured in the geometry of the optimiser in use (for AdamW, along its
       preconditioned step), so η·λ̂ < 2 is exactly "this step lowers the loss on the quadratic model along u".
     * H_i: the first-layer logit-lens entropy on a sub-vocabulary (TokenLoss.probe_entropy).  Per token it feeds
@@ -1016,7 +1059,7 @@ class GRAFF(Planner):
                      "token_mult_std": float(m.std()) if m is not None and m.numel() > 1 else 0.0,
                      "entropy_mean": float(x[0, 1]), "budget_left": ctx.budget_left,
                      "w_norm": float(self.net.W.detach().norm()), "h_norm": float(self.h.norm())}
-        self.curv.before_step()
+        self.curv.before_step(self.optimizer)
         return self.eta
 
     def after_step(self, ctx):

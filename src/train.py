@@ -50,6 +50,7 @@ PLANNER_TIME, PLANNER_FRACTION = "train/planner_time_s", "train/planner_fraction
 ELAPSED, BUDGET_LEFT = "time/elapsed_s", "time/budget_left"
 EM, EM_FLEX = "eval/exact_match", "eval/exact_match_flexible"          # strict (primary) and flexible, percent
 EVAL_AT, EVAL_DURATION = "eval/model_time_s", "eval/duration_s"          # clock time of the evaluated model
+EVAL_PROBLEMS = "eval/problems"                                          # problems in this evaluation
 CONTAM_EM, CONTAM_EM_FLEX = "contamination/exact_match", "contamination/exact_match_flexible"
 ENERGY, PEAK_MEM = "energy/joules", "memory/peak_gib"
 # Summary (final values)
@@ -449,6 +450,13 @@ def train(cfg, on_evaluation=None, search_info: dict | None = None) -> RunOutcom
     contamination = read_jsonl_problems(Path(cfg.dataset.contamination_path), "dataset.contamination_path") \
         if cfg.dataset.contamination_path else None
     dev_batches = generation_batches(fmt, dev, e_cfg.batch_size, cfg.dataset.max_tokens)
+    # Periodic evaluations (and the one at step 0) may use a fixed random subset, to spend less of the budget on
+    # evaluation; the evaluations at the marks and at the end always use the whole dev split.
+    subset = sorted(random.Random(0).sample(range(len(dev)), e_cfg.periodic_problems)) \
+        if e_cfg.periodic_problems and e_cfg.periodic_problems < len(dev) else list(range(len(dev)))
+    periodic_dev = [dev[i] for i in subset]
+    periodic_batches = generation_batches(fmt, periodic_dev, e_cfg.batch_size, cfg.dataset.max_tokens) \
+        if len(subset) < len(dev) else dev_batches
     contam_batches = generation_batches(fmt, contamination, e_cfg.batch_size, cfg.dataset.max_tokens) \
         if contamination else None
     params = [p for p in loaded.peft.parameters() if p.requires_grad]
@@ -501,7 +509,9 @@ def train(cfg, on_evaluation=None, search_info: dict | None = None) -> RunOutcom
     stream.prime()
     budget_s = 60.0 * t_cfg.budget_minutes
     clock = BudgetClock(budget_s, device, spent_s=spent)
-    step_est, eval_est = 0.0, (resume or {}).get("eval_est", 0.0)
+    step_est = 0.0
+    eval_rate = (resume or {}).get("eval_rate", 0.0)      # longest evaluation time per problem so far (s)
+    eval_est = eval_rate * len(dev)                       # the final evaluation's reserve
     last_ckpt = clock.elapsed()
     last_print = -math.inf
     inject = fault_steps()
@@ -510,13 +520,16 @@ def train(cfg, on_evaluation=None, search_info: dict | None = None) -> RunOutcom
     evals_enabled = cfg.mode == "full"
 
     def run_eval(kind: str) -> EvalResult:
-        nonlocal eval_est
+        nonlocal eval_rate, eval_est
+        full = kind not in ("start", "periodic")
+        problems, batches = (dev, dev_batches) if full else (periodic_dev, periodic_batches)
         model_time = clock.elapsed()
-        result = evaluate(loaded.peft, loaded.tokenizer, dev_batches, dev, planner, e_cfg.max_new_tokens,
+        result = evaluate(loaded.peft, loaded.tokenizer, batches, problems, planner, e_cfg.max_new_tokens,
                           autocast, clock)
-        eval_est = max(eval_est, result.duration_s)
+        eval_rate = max(eval_rate, result.duration_s / len(problems))
+        eval_est = eval_rate * len(dev)
         eval_points.append((step, model_time, result.em))
-        tracker.log({EM: result.em, EM_FLEX: result.em_flexible, EVAL_AT: model_time,
+        tracker.log({EM: result.em, EM_FLEX: result.em_flexible, EVAL_AT: model_time, EVAL_PROBLEMS: len(problems),
                      EVAL_DURATION: result.duration_s, ELAPSED: clock.elapsed()}, step=step)
         print(f"eval ({kind}) step {step} | {model_time:7.1f}s | EM strict {result.em:5.1f}% flexible "
               f"{result.em_flexible:5.1f}% | {result.duration_s:.1f}s")
@@ -578,7 +591,7 @@ def train(cfg, on_evaluation=None, search_info: dict | None = None) -> RunOutcom
         # Evaluations: periodic, and at each mark (minutes) inside the budget so that it ends by the mark.
         if evals_enabled:
             now = clock.elapsed()
-            fits = now + eval_est + step_est + eval_est <= budget_s
+            fits = now + eval_rate * len(periodic_dev) + step_est + eval_est <= budget_s
             for mark in e_cfg.marks_minutes:
                 if mark not in marks_done and 60 * mark < budget_s and now + step_est + eval_est >= 60 * mark:
                     marks_done[mark] = run_eval(f"{mark} min mark").em
@@ -588,7 +601,7 @@ def train(cfg, on_evaluation=None, search_info: dict | None = None) -> RunOutcom
         if cfg.checkpointing.enabled and clock.elapsed() - last_ckpt >= 60 * cfg.checkpointing.interval_minutes:
             save_checkpoint(ckpt_path, dict(finished=False, **_ckpt_state(params, optimizer, planner, stream, step,
                                                                           skipped, eval_points, marks_done, clock,
-                                                                          eval_est)))
+                                                                          eval_rate)))
             last_ckpt = clock.elapsed()
 
     if status == "stopped_nonfinite":
@@ -633,8 +646,8 @@ def train(cfg, on_evaluation=None, search_info: dict | None = None) -> RunOutcom
     return RunOutcome(final.em, step, status, eval_points)
 
 
-def _ckpt_state(params, optimizer, planner, stream, step, skipped, eval_points, marks, clock, eval_est) -> dict:
+def _ckpt_state(params, optimizer, planner, stream, step, skipped, eval_points, marks, clock, eval_rate) -> dict:
     return {"params": [p.detach().cpu().clone() for p in params], "optimizer": optimizer.state_dict(),
             "planner": planner.state_dict(), "data": stream.state(), "rng": rng_state(), "step": step,
             "skipped": skipped, "eval_points": eval_points, "marks": marks, "spent_s": clock.elapsed(),
-            "eval_est": eval_est}
+            "eval_rate": eval_rate}

@@ -72,7 +72,8 @@ def fake_runs(monkeypatch, tmp_path):
         "comparative-7-iter1-x": record("comparative-7-iter1-x", 20.0, "", finished=False),
     }
     monkeypatch.setattr(ev, "load_run", lambda d, rid, e, p: runs.get(rid, f"{rid}: no such run"))
-    monkeypatch.setattr(ev, "replicate_ids", lambda d, rid: [rid] + [r for r in runs if r.startswith(rid + "-seed")])
+    monkeypatch.setattr(ev, "replicate_ids",
+                        lambda d, rid, e=None, p=None: [rid] + [r for r in runs if r.startswith(rid + "-seed")])
     return tmp_path
 
 
