@@ -320,8 +320,9 @@ class SecantCurvature:
     No estimate is made at the first step (no momentum yet).  Optimisers without Adam state use v = u.
 
     Cost: a copy of θ, the update and v, and three dot products per step; no extra forward or backward pass.
-    Single estimates are noisy (two mini-batches): `lam_max` is an EMA (`ema`) of the signed estimates, read as
-    max(EMA, 0).  `b_total` = ⟨g_{t+1}, u_t⟩ (unbiased as it is) is GRAFF's hypergradient."""
+    Single estimates are noisy (two mini-batches, and a ratio whose denominator can come near 0): `lam_max` is
+    the ratio of EMAs (`ema`), EMA[(a−b)/η] / EMA[a], a consistent estimate that a near-zero a_t cannot blow up,
+    read as max(·, 0).  `b_total` = ⟨g_{t+1}, u_t⟩ (unbiased as it is) is GRAFF's hypergradient."""
 
     def __init__(self, params: Sequence[nn.Parameter], owner: torch.Tensor, n_blocks: int, ema: float):
         self.params, self.owner, self.n_blocks, self.ema = list(params), owner, n_blocks, ema
@@ -331,16 +332,21 @@ class SecantCurvature:
         self.eta = 0.0                                 # η_t of the step u_t belongs to
         self.a_blocks: torch.Tensor | None = None      # ⟨g_t, v_t⟩ per block: (n_blocks,)
         self.lam_blocks = torch.zeros(n_blocks)        # latest per-block λ̂ (0 where unknown)
-        self.lam = float("nan")                        # latest total λ̂
-        self.lam_ema = float("nan")                    # EMA of the total λ̂
+        self.lam = float("nan")                        # latest total λ̂ (one pair of steps)
+        self.num_ema = self.den_ema = 0.0              # EMA[(a−b)/η], EMA[a] (their ratio needs no debiasing)
+        self._held = 0.0                               # the last λ̂_max measured with EMA[a] > 0
         self.b_total = 0.0                             # ⟨g_{t+1}, u_t⟩ over all parameters (GRAFF's hypergradient)
         self._v_next: list = []                        # v_t of the coming step (set before it)
         self._groups: dict | None = None               # parameter -> its optimiser group
 
     @property
     def lam_max(self) -> float:
-        """The curvature the guard and SALeLR use: max(EMA of λ̂, 0); 0 while unknown."""
-        return max(self.lam_ema, 0.0) if math.isfinite(self.lam_ema) else 0.0
+        """The curvature the guard and SALeLR use: max(EMA[(a−b)/η] / EMA[a], 0); 0 while unknown.  While
+        EMA[a] ≤ 0 (no first-order decrease left along v to measure it against) the last value holds: "no
+        evidence" must not read as "flat" and let η jump back up."""
+        if self.den_ema > 1e-30:
+            self._held = max(self.num_ema / self.den_ema, 0.0)
+        return self._held
 
     @torch.no_grad()
     def observe(self) -> bool:
@@ -357,10 +363,10 @@ class SecantCurvature:
         lam_blocks = torch.where(valid, (a_blocks - b_blocks) / (self.eta * a_blocks.clamp(min=1e-30)),
                                  torch.zeros_like(a_blocks))
         self.lam_blocks = lam_blocks.cpu()
-        if a_total > 1e-30 and self.eta > 0:
-            self.lam = (a_total - b_total) / (self.eta * a_total)
-            self.lam_ema = self.lam if not math.isfinite(self.lam_ema) else \
-                self.ema * self.lam_ema + (1 - self.ema) * self.lam
+        if self.eta > 0:
+            self.lam = (a_total - b_total) / (self.eta * a_total) if abs(a_total) > 1e-30 else float("nan")
+            self.num_ema = self.ema * self.num_ema + (1 - self.ema) * (a_total - b_total) / self.eta
+            self.den_ema = self.ema * self.den_ema + (1 - self.ema) * a_total
         return True
 
     @torch.no_grad()
@@ -391,10 +397,12 @@ class SecantCurvature:
         self.u, self.v, self.a_blocks, self._before = None, None, None, None
 
     def state_dict(self) -> dict:
-        return {"lam_ema": self.lam_ema, "lam": self.lam, "eta": self.eta}
+        return {"num_ema": self.num_ema, "den_ema": self.den_ema, "lam": self.lam, "eta": self.eta,
+                "held": self._held}
 
     def load_state_dict(self, state: dict) -> None:
-        self.lam_ema, self.lam, self.eta = state["lam_ema"], state["lam"], state["eta"]
+        self.num_ema, self.den_ema, self.lam, self.eta, self._held = (state["num_ema"], state["den_ema"],
+                                                                      state["lam"], state["eta"], state["held"])
 
 
 def committed_direction(p: nn.Parameter, optimizer, group: dict | None):
