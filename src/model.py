@@ -477,11 +477,14 @@ class Planner:
     knobs: ClassVar[tuple[str, ...]] = ()
     uses_probe: ClassVar[bool] = False
 
-    def __init__(self, knobs, opt_cfg, lm: TokenLoss, params: list[nn.Parameter], graph: AdapterGraph):
+    def __init__(self, knobs, opt_cfg, lm: TokenLoss, params: list[nn.Parameter], graph: AdapterGraph,
+                 results_dir: Path | None = None, trial: bool = False):
         self.k, self.opt_cfg, self.lm, self.params, self.graph = knobs, opt_cfg, lm, params, graph
+        self.results_dir, self.trial = results_dir, trial     # where planner files live; a trial-mode run?
         self.lr_init = float(opt_cfg.lr_init)
         self.eta = self.lr_init
         self.optimizer: torch.optim.Optimizer | None = None
+        self.notes: list[str] = []                            # lines the loop prints once at start
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         self.optimizer = torch.optim.AdamW(self.params, lr=self.lr_init, betas=tuple(self.opt_cfg.betas),
@@ -961,12 +964,11 @@ class GRAFF(Planner):
       (h_{t−1} enters the GRU detached).
     """
     knobs = ("outer_lr", "stability_guard", "warm_start_ckpt", "save_ckpt", "hidden_dim", "gnn_rounds", "use_edges",
-             "use_budget", "freeze", "curvature_ema", "probe_vocab", "jvp_sequences", "lr_mult_range")
+             "use_budget", "freeze", "curvature_ema", "jvp_sequences", "lr_mult_range")
     uses_probe = True
 
-    def __init__(self, knobs, opt_cfg, lm, params, graph, results_dir: Path | None = None,
-                 allow_cold_start: bool = False):
-        super().__init__(knobs, opt_cfg, lm, params, graph)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.net = GraffNet(self.k.hidden_dim, self.k.gnn_rounds, self.k.use_edges)
         self.outer = torch.optim.Adam(self.net.parameters(), lr=self.k.outer_lr)
         self.h = torch.zeros(graph.n_nodes, self.k.hidden_dim)          # h_t: state, not a parameter
@@ -981,13 +983,13 @@ class GRAFF(Planner):
         self.last_m: torch.Tensor | None = None
         self.loss_sum, self.n_losses, self.best_avg = 0.0, 0, math.inf
         self.last: dict[str, float] = {}
-        self.results_dir = results_dir
-        self.warm_started = False
         if self.k.warm_start_ckpt:
-            path = resolve_path(self.k.warm_start_ckpt, results_dir)
-            if path.is_file() or not allow_cold_start:
+            path = resolve_path(self.k.warm_start_ckpt, self.results_dir)
+            if path.is_file() or not self.trial:
                 self.load_planner(path)
-                self.warm_started = True
+            else:   # a trial checks the code, so it may start cold; a full run refuses (load_planner raises)
+                self.notes.append(f"trial mode: GRAFF warm-start checkpoint {path} not found, starting cold "
+                                  f"(a full run refuses this)")
 
     # -- checkpoints of the planner alone (warm start / transfer) --------------------------------------------
     def planner_checkpoint(self) -> dict:

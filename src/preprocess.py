@@ -258,7 +258,8 @@ def dataset_source(ds_cfg) -> tuple[str, dict]:
         folder = synthetic_dir(syn.train_size, syn.test_size, syn.difficulty, syn.seed)
         return "json", {"data_files": {s: str(folder / f"{s}.jsonl") for s in ("train", "test")}}
     files = {}
-    for split in {ds_cfg.train_split, ds_cfg.eval_split}:
+    # Train split first, in a fixed order (a set would make the error message depend on hash seeding).
+    for split in dict.fromkeys((ds_cfg.train_split, ds_cfg.eval_split)):
         path = local_split_file(ds_cfg.name, split)
         if path is not None:
             files[split] = str(path)

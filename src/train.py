@@ -464,11 +464,10 @@ def train(cfg, on_evaluation=None, search_info: dict | None = None) -> RunOutcom
     sched = cfg.training.scheduler
     planner_cls = PLANNERS[sched.type]
     knobs = OmegaConf.masked_copy(sched, list(planner_cls.knobs)) if planner_cls.knobs else OmegaConf.create({})
-    extra = {"results_dir": results_dir, "allow_cold_start": cfg.mode == "trial"} if sched.type == "graff" else {}
-    planner = planner_cls(knobs, t_cfg.optimizer, lm, params, graph, **extra)
-    if getattr(planner, "warm_started", None) is False and sched.get("warm_start_ckpt"):
-        print(f"trial mode: GRAFF warm-start checkpoint {sched.warm_start_ckpt} not found, starting cold "
-              f"(a full run refuses this)")
+    planner = planner_cls(knobs, t_cfg.optimizer, lm, params, graph, results_dir=results_dir,
+                          trial=cfg.mode == "trial")
+    for note in planner.notes:
+        print(note)
     optimizer = planner.make_optimizer()
     if planner.uses_probe:
         sample = TrainStream(cfg.dataset, fmt, t_cfg.micro_batch_size, cfg.dataset.max_tokens, cfg.seed, 1)

@@ -65,7 +65,7 @@ def two_full_runs(tmp_path_factory):
     gsm1k = results / "gsm1k.jsonl"
     gsm1k.write_text("".join(json.dumps(synthetic_problem(rng, 2)) + "\n" for _ in range(12)))
     for run_id, extra in (("comparative-5-iter1-tiny-synthetic", [f"dataset.contamination_path={gsm1k}"]),
-                          ("comparative-4-iter1-tiny-synthetic", [])):
+                          ("comparative-4-iter1-tiny-synthetic", ["evaluation.periodic_problems=50"])):
         import io
         from contextlib import redirect_stdout
         buffer = io.StringIO()
@@ -104,6 +104,15 @@ def test_full_run_stops_at_the_budget_and_logs_offline(two_full_runs):
     assert "energy/joules" not in summary and summary["energy/available"] is False   # CPU: absent, never 0
     assert summary["contamination/n_problems"] == 12 and 0 <= summary[tr.CONTAM_EM] <= 100     # logged apart
     assert "contamination set: EM" in outputs[run_id]
+
+
+def test_periodic_evaluations_use_the_subset_and_the_final_one_the_whole_split(two_full_runs):
+    results, _ = two_full_runs
+    [path] = ev.local_segments(results, "comparative-4-iter1-tiny-synthetic")
+    history, summary, _, _ = ev.read_wandb_file(path)
+    sizes = [r[tr.EVAL_PROBLEMS] for r in history if tr.EVAL_PROBLEMS in r]
+    assert sizes[0] == 50 and sizes[-1] == 200 and set(sizes[:-1]) == {50}
+    assert len(summary[tr.FINAL_CORRECT]) == 200
 
 
 def test_evaluate_writes_every_file_for_the_runs(two_full_runs):

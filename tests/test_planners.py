@@ -393,6 +393,14 @@ def test_every_planner_gives_a_finite_positive_lr_over_steps(make_planner, kind)
     assert all(r.ok and math.isfinite(r.eta) and r.eta > 0 for r in results)
 
 
+def test_the_config_contract_lists_exactly_the_knobs_each_planner_reads():
+    from src.main import PLANNER_KNOBS            # main validates run files without importing torch
+    from src.model import PLANNERS
+    assert set(PLANNERS) == set(PLANNER_KNOBS)
+    for kind, cls in PLANNERS.items():
+        assert cls.knobs == PLANNER_KNOBS[kind], kind
+
+
 def test_answer_positions_run_from_zero_to_one_per_answer():
     batch = random_batch(n=2, length=9)
     pos = answer_positions(batch.answer_mask)
