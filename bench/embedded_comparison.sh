@@ -3,6 +3,7 @@
 # ablations, the eight baselines) with seeds 0 and 1 and its run file's 5-minute budget, one run at a time on
 # this machine's CPU, W&B offline under the results folder, then the analysis.
 #   bash bench/embedded_comparison.sh [results_dir] [seeds...]        (about 11 minutes per run id and seed pair)
+# Re-running it resumes: finished runs are skipped, an interrupted one continues from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-results/embedded}
@@ -17,7 +18,7 @@ for seed in $SEEDS; do
     [ "$seed" != 0 ] && id="$id-seed$seed"
     echo "$(date +%T) $id"
     uv run python -u -m src.main run="$id" results_dir="$RESULTS" mode=full wandb.mode=offline \
-      > "$RESULTS/logs/$id.log" 2>&1
+      >> "$RESULTS/logs/$id.log" 2>&1     # a finished run re-run says so and does not train again
   done
 done
 ids=$(printf '"%s-iter1-tiny-synthetic",' "${METHODS[@]}")

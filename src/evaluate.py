@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 import sys
@@ -54,6 +55,7 @@ SUMMARY_METRICS = {
     "contamination_em": (CONTAM_EM, True),
     "budget_minutes": ("budget/minutes", None),
     "train_steps": ("train/steps", None),
+    "planner_time_fraction": ("train/planner_fraction", False),   # planner's own time / training-step time
 }
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -362,6 +364,10 @@ def run_figures(rec: RunRecord, out: Path) -> list[Path]:
         for ax, key in zip(axes.flat, keys):
             x, y = series(rec.history, key)
             ax.plot(x, y, lw=0.8)
+            ax.ticklabel_format(axis="y", useOffset=False)     # a constant 1 ± 1e-7 reads as 1, not as noise
+            lo, hi = min(y), max(y)
+            if hi - lo <= 1e-6 * max(abs(lo), abs(hi), 1e-12):
+                ax.set_ylim(lo - 0.05 * max(abs(lo), 1e-3), hi + 0.05 * max(abs(hi), 1e-3))
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
         for ax in list(axes.flat)[len(keys):]:
@@ -371,51 +377,80 @@ def run_figures(rec: RunRecord, out: Path) -> list[Path]:
     return paths
 
 
+def short_labels(run_ids: list[str]) -> tuple[dict[str, str], str]:
+    """Run ids without their common suffix (e.g. '-iter1-tiny-synthetic'), for legible axes; the suffix goes in the title."""
+    if len(run_ids) < 2:
+        return {r: r for r in run_ids}, ""
+    suffix = os.path.commonprefix([r[::-1] for r in run_ids])[::-1]
+    suffix = suffix[suffix.find("-"):] if "-" in suffix else ""
+    if any(len(r) == len(suffix) for r in run_ids):
+        suffix = ""
+    return {r: r[: len(r) - len(suffix)] if suffix else r for r in run_ids}, suffix
+
+
 def comparison_figures(records: dict[str, list[RunRecord]], primary: dict[str, dict], out: Path) -> list[Path]:
     plt = _plt()
     paths = []
     ids = [r for r in records if primary.get(r, {}).get("value") is not None]
     colors = {r: ("tab:red" if is_proposed(r) else "tab:blue" if is_baseline(r) else "tab:grey") for r in records}
+    label, suffix = short_labels(list(records))
+    of_runs = f" (run ids end in {suffix})" if suffix else ""
+    for r, recs in records.items():       # name the planner beside the method token: "comparative-1 (reactor)"
+        kind = ((recs[0].config.get("training") or {}).get("scheduler") or {}).get("type") if recs else None
+        if kind and kind not in label[r]:
+            label[r] += f" ({kind})"
     if ids:
-        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(ids)), 4.5))
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ids)), 4.5))
         values = [primary[r]["value"] for r in ids]
-        lows = [values[i] - (primary[r]["ci95"] or [values[i]] * 2)[0] for i, r in enumerate(ids)]
-        highs = [(primary[r]["ci95"] or [values[i]] * 2)[1] - values[i] for i, r in enumerate(ids)]
-        ax.bar(range(len(ids)), values, color=[colors[r] for r in ids], yerr=[lows, highs], capsize=4)
-        for i, v in enumerate(values):
-            ax.annotate(f"{v:.1f}", (i, v), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
-        ax.set_xticks(range(len(ids)), ids, rotation=35, ha="right", fontsize=8)
+        # EM lives in [0, 100]: the drawn interval is clipped there (a t-interval over two seeds easily leaves it)
+        cis = [[min(max(c, 0.0), 100.0) for c in (primary[r]["ci95"] or [values[i]] * 2)] for i, r in enumerate(ids)]
+        lows = [max(values[i] - ci[0], 0.0) for i, ci in enumerate(cis)]
+        highs = [max(ci[1] - values[i], 0.0) for i, ci in enumerate(cis)]
+        ax.bar(range(len(ids)), values, color=[colors[r] for r in ids], yerr=[lows, highs], capsize=4, alpha=0.85)
+        for i, r in enumerate(ids):         # every seed as a point, the mean as a number beside the bar
+            seeds = primary[r]["seed_values"]
+            if len(seeds) > 1:
+                ax.scatter([i] * len(seeds), seeds, color="black", s=10, zorder=3)
+            ax.annotate(f"{values[i]:.1f}", (i + 0.42, values[i]), ha="right", va="bottom", fontsize=7)
+        ax.set_ylim(0, 104)
+        ax.set_xticks(range(len(ids)), [label[r] for r in ids], rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("dev EM strict at the budget (%)")
-        ax.set_title("EM at the budget (95% CI: seeds if several, else bootstrap over problems)")
+        ax.set_title(f"EM at the budget{of_runs}: mean, seeds (points), 95% CI (t-interval over seeds if several, "
+                     f"else bootstrap over problems; clipped to [0, 100])\nred proposed, blue baselines, grey others", fontsize=9)
         paths.append(_save(fig, out / "comparison_em_bar.pdf"))
-        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(ids)), 4.5))
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ids)), 4.5))
         data = [primary[r]["seed_values"] for r in ids]
-        ax.boxplot(data, tick_labels=ids)
+        ax.boxplot(data, tick_labels=[label[r] for r in ids])
         for i, vals in enumerate(data, start=1):
             ax.scatter([i] * len(vals), vals, color=colors[ids[i - 1]], zorder=3, s=14)
-        ax.set_xticks(range(1, len(ids) + 1), ids, rotation=35, ha="right", fontsize=8)
+        ax.set_xticks(range(1, len(ids) + 1), [label[r] for r in ids], rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("dev EM strict at the budget (%)")
-        ax.set_title("EM at the budget across seeds (points: seeds)")
+        ax.set_title(f"EM at the budget across seeds{of_runs} (points: seeds)", fontsize=9)
         paths.append(_save(fig, out / "comparison_em_boxplot.pdf"))
+    # One colour and line style per run id (its seeds share them), enough distinct ones for a dozen methods.
+    palette = plt.get_cmap("tab20").colors
+    styles = {r: (palette[(2 * i) % 20 + (i // 10) % 2], ("-", "--", ":")[(i // 20) % 3])
+              for i, r in enumerate(records)}
     for topic, (y, x, ylabel, logy) in {"em_vs_time": (EM, EVAL_AT, "dev EM strict (%)", False),
                                         "lr_trajectories": (LR, ELAPSED, "learning rate η_t", True)}.items():
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig, ax = plt.subplots(figsize=(9.5, 4.5))
         drawn = 0
         for run_id, recs in records.items():
+            color, ls = styles[run_id]
             for k, rec in enumerate(recs):
                 xs, ys = series(rec.history, y, x)
                 if xs:
-                    ax.plot([v / 60 for v in xs], ys, "o-" if y == EM else "-", ms=3, lw=1, alpha=0.85,
-                            color=colors[run_id] if len(records) <= 2 else None,
-                            label=rec.run_id if k == 0 or len(recs) == 1 else None)
+                    seeds = f" ({len(recs)} seeds)" if len(recs) > 1 else ""
+                    ax.plot([v / 60 for v in xs], ys, ls, marker="o" if y == EM else None, ms=3, lw=1, alpha=0.85,
+                            color=color, label=label[run_id] + seeds if k == 0 else None)
                     drawn += 1
         if drawn:
             ax.set_xlabel("wall-clock time (min)")
             ax.set_ylabel(ylabel)
             if logy:
                 ax.set_yscale("log")
-            ax.set_title("EM against wall-clock time, all runs" if y == EM else "LR trajectories, all runs")
-            ax.legend(fontsize=7, ncol=2)
+            ax.set_title(("EM against wall-clock time" if y == EM else "LR trajectories") + of_runs, fontsize=10)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
             paths.append(_save(fig, out / f"comparison_{topic}.pdf"))
         else:
             plt.close(fig)
@@ -424,7 +459,7 @@ def comparison_figures(records: dict[str, list[RunRecord]], primary: dict[str, d
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")     # legends placed beside the axes stay in
     _plt().close(fig)
     return path
 

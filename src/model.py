@@ -641,8 +641,8 @@ class SALeLR(Planner):
     sharper).  λ̂_t is the secant curvature shared with GRAFF (SecantCurvature), smoothed by `curvature_ema`."""
     knobs = ("curvature_ema", "lr_mult_range")
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         owner, n = _owner_index(self.graph, self.params)
         self.curv = SecantCurvature(self.params, owner, n, self.k.curvature_ema)
         self.history: list[float] = []
@@ -688,8 +688,8 @@ class BATS(Planner):
     reweights tokens; it does not schedule)."""
     knobs = ("difficulty_ema", "difficulty_power", "weight_range")
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         vocab = self.lm.core.get_output_embeddings().weight.shape[0]
         device = self.params[0].device
         self.difficulty = torch.zeros(vocab, device=device)     # D[v]
@@ -756,8 +756,8 @@ class REACTOR(Planner):
     uses_probe = True
     N_STATE = 6
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.policy = nn.Linear(self.N_STATE, 1)
         nn.init.zeros_(self.policy.weight)
         nn.init.zeros_(self.policy.bias)
@@ -971,17 +971,17 @@ class GRAFF(Planner):
         super().__init__(*args, **kwargs)
         self.net = GraffNet(self.k.hidden_dim, self.k.gnn_rounds, self.k.use_edges)
         self.outer = torch.optim.Adam(self.net.parameters(), lr=self.k.outer_lr)
-        self.h = torch.zeros(graph.n_nodes, self.k.hidden_dim)          # h_t: state, not a parameter
-        owner, n = _owner_index(graph, params)
-        self.curv = SecantCurvature(params, owner, n, self.k.curvature_ema)
-        self.edges = graph.edges
+        self.h = torch.zeros(self.graph.n_nodes, self.k.hidden_dim)     # h_t: state, not a parameter
+        owner, n = _owner_index(self.graph, self.params)
+        self.curv = SecantCurvature(self.params, owner, n, self.k.curvature_ema)
+        self.edges = self.graph.edges
         self.pending: _Pending | None = None
         self.readout_now = GraffNet.readout(self.h)                      # h̄ the next step's m is decoded from
         self.jvp_batch: MicroBatch | None = None                         # step t's sequences for the JVP
         self.jvp_phi: torch.Tensor | None = None                         # their token features φ (n_j, K)
         self.step_tokens, self.entropy_sum = 0, 0.0                      # answer tokens and Σ H_i this step
         self.last_m: torch.Tensor | None = None
-        self.loss_sum, self.n_losses, self.best_avg = 0.0, 0, math.inf
+        self.loss_sum, self.n_losses, self.best_loss = 0.0, 0, math.inf
         self.last: dict[str, float] = {}
         if self.k.warm_start_ckpt:
             path = resolve_path(self.k.warm_start_ckpt, self.results_dir)
@@ -1162,13 +1162,16 @@ class GRAFF(Planner):
         return -float(p.eta.detach()) * d / p.n_tokens
 
     def track_regret(self, ctx: StepContext) -> None:
-        """R_T = (L̄_T − L_best) / time_T with L̄_T the running average loss and L_best its minimum so far."""
+        """R_T = (L̄_T − L_best) / time_T: L̄_T the running average loss, L_best the lowest step loss so far.
+
+        (The minimum of the running average itself would make R_T ≡ 0 while the loss falls: uninformative.)
+        """
         if math.isfinite(ctx.loss):
             self.loss_sum += ctx.loss
             self.n_losses += 1
+            self.best_loss = min(self.best_loss, ctx.loss)
         avg = self.loss_sum / max(self.n_losses, 1)
-        self.best_avg = min(self.best_avg, avg)
-        self.last_regret = (avg - self.best_avg) / max(ctx.elapsed_s, 1e-9)
+        self.last_regret = (avg - self.best_loss) / max(ctx.elapsed_s, 1e-9) if self.n_losses else 0.0
 
     def log(self):
         return {**self.last, "regret": getattr(self, "last_regret", 0.0)}
@@ -1176,7 +1179,7 @@ class GRAFF(Planner):
     def state_dict(self):
         return {"planner": self.planner_checkpoint(), "h": self.h, "curv": self.curv.state_dict(),
                 "readout_now": self.readout_now,
-                "regret": [self.loss_sum, self.n_losses, self.best_avg]}
+                "regret": [self.loss_sum, self.n_losses, self.best_loss]}
 
     def load_state_dict(self, state):
         self.net.load_state_dict(state["planner"]["net"])
@@ -1184,7 +1187,7 @@ class GRAFF(Planner):
         self.h = state["h"]
         self.readout_now = state["readout_now"]
         self.curv.load_state_dict(state["curv"])
-        self.loss_sum, self.n_losses, self.best_avg = state["regret"]
+        self.loss_sum, self.n_losses, self.best_loss = state["regret"]
 
 
 def resolve_path(path: str, results_dir: Path | None) -> Path:

@@ -385,6 +385,14 @@ def test_graff_state_survives_a_save_load_round_trip(make_planner):
     assert other.outer.state_dict()["state"].keys() == planner.outer.state_dict()["state"].keys()
 
 
+def test_graff_regret_is_the_running_average_above_the_best_loss_per_second(make_planner):
+    planner, *_ = make_planner("graff")
+    for elapsed, loss in ((1.0, 4.0), (2.0, 2.0), (4.0, 3.0)):
+        planner.track_regret(StepContext(step=0, elapsed_s=elapsed, budget_s=10.0, horizon_s=9.0, loss=loss))
+    # L̄_T = 3, L_best = 2, time_T = 4 s
+    assert planner.log()["regret"] == pytest.approx((3.0 - 2.0) / 4.0)
+
+
 @pytest.mark.parametrize("kind", ["graff", "reactor", "salelr", "bats", "constant", "cosine", "linear", "wsd",
                                   "schedulefree"])
 def test_every_planner_gives_a_finite_positive_lr_over_steps(make_planner, kind):
