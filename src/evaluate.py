@@ -327,7 +327,8 @@ def run_figures(rec: RunRecord, out: Path) -> list[Path]:
             ax2 = ax.twinx()
             ax2.plot(e_step, em, "o-", color="tab:red", label="dev EM strict (%)")
             ax2.set_ylabel("dev EM strict (%)")
-            ax2.annotate(f"{em[-1]:.1f}%", (e_step[-1], em[-1]), textcoords="offset points", xytext=(-10, 8))
+            ax2.annotate(f"final {em[-1]:.1f}%", (e_step[-1], em[-1]), textcoords="offset points", xytext=(-6, -14),
+                         ha="right", fontsize=8, color="tab:red")       # below-left: clear of the title and axis
             handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
             ax.legend(handles, [h.get_label() for h in handles], loc="center right")
         ax.set_title(f"Learning curve: {rec.run_id}")
