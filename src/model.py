@@ -936,9 +936,10 @@ class GRAFF(Planner):
     * Nodes are adapter blocks (attention, MLP) per layer plus fully trained modules (see adapter_graph);
       edges link consecutive blocks and same-kind blocks of consecutive layers.
     * Curvature Δλ_i: the secant estimate along the update, per block (SecantCurvature): Hessian-free, no extra
-      pass.  λ̂_max, the guard's curvature, is max(0, EMA (`curvature_ema`) of the total estimate): the
-      curvature along the whole update, measured in the geometry of the optimiser in use (for AdamW, along its
-      preconditioned step), so η·λ̂ < 2 is exactly "this step lowers the loss on the quadratic model along u".
+      pass.  λ̂_max, the guard's curvature, is SecantCurvature.lam_max: max(0, EMA[(a−b)/η] / EMA[a]) over the
+      total (`curvature_ema`), held at its last value while EMA[a] ≤ 0: the curvature along the whole update,
+      measured in the geometry of the optimiser in use (for AdamW, along its preconditioned step), so
+      η·λ̂ < 2 is exactly "this step lowers the loss on the quadratic model along u".
     * H_i: the first-layer logit-lens entropy on a sub-vocabulary (TokenLoss.probe_entropy).  Per token it feeds
       the token multipliers; its mean H̄_t is a node/edge feature of every node (there is one probe layer).
     * How m reaches tokens: m_{t,i} multiplies token i's loss in the step after h_t was computed (the loss is
