@@ -118,8 +118,16 @@ class Tracker:
         self.cfg, self.results_dir = cfg, results_dir
         self.run = None
         self.mode = cfg.wandb.mode
+        # Every row logged so far, {step: {metric: value}}.  It goes into each checkpoint, because a process killed
+        # with SIGKILL loses the rows W&B had not yet written to disk (seen: the last few seconds before the kill,
+        # from before the checkpoint too); the resumed process records them again (`start(history=...)`).
+        self.rows: dict[int, dict] = {}
+        self.first_step = 0          # lowest step the W&B run accepts (an online run resumed on the server: higher)
 
-    def start(self, config: dict) -> None:
+    def start(self, config: dict, history: dict[int, dict] | None = None) -> None:
+        """Open the W&B run.  `history` (a resume) is the checkpoint's rows: they are recorded again first, so the
+        resumed record is complete up to the checkpoint whatever the killed process managed to write."""
+        self.rows = {s: dict(r) for s, r in (history or {}).items()}
         if self.mode == "disabled":
             return
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -148,10 +156,24 @@ class Tracker:
         else:
             print(f"W&B: online run {self.run.url}")
         self.mode = mode
+        # An online run resumed on the server continues from the server's last step and W&B drops lower steps with
+        # a warning, so only the rows it lacks are sent; an offline record is a new file, so it gets them all.
+        self.first_step = self.run.starting_step if mode == "online" else 0
+        if self.first_step > max(self.rows, default=-1) + 1:
+            print(f"W&B: the online run {self.cfg.run_id} already holds steps up to {self.first_step - 1} from an "
+                  f"earlier process; steps up to there are not sent again (delete that W&B run to record them anew)")
+        again = [s for s in sorted(self.rows) if s >= self.first_step]
+        for s in again:
+            self.run.log(self.rows[s], step=s)
+        if again:
+            print(f"W&B: recorded again the {len(again)} logged steps held by the checkpoint (steps {again[0]} to "
+                  f"{again[-1]})")
 
     def log(self, metrics: dict, step: int) -> None:
-        if self.run is not None:
-            self.run.log({k: v for k, v in metrics.items() if v is not None and not _is_nan(v)}, step=step)
+        row = {k: v for k, v in metrics.items() if v is not None and not _is_nan(v)}
+        self.rows.setdefault(step, {}).update(row)
+        if self.run is not None and step >= self.first_step:
+            self.run.log(row, step=step)
 
     def summary(self, values: dict) -> None:
         if self.run is not None:
@@ -495,7 +517,7 @@ def train(cfg, on_evaluation=None, search_info: dict | None = None) -> RunOutcom
         print(f"resuming {cfg.run_id} at step {step} with {spent:.1f} s of the budget already spent")
 
     tracker = Tracker(cfg, results_dir)
-    tracker.start(OmegaConf.to_container(cfg, resolve=True))
+    tracker.start(OmegaConf.to_container(cfg, resolve=True), history=(resume or {}).get("history"))
     tracker.summary({"model/parameters": loaded.n_params, "model/trainable_parameters": loaded.n_trainable,
                      "budget/minutes": float(t_cfg.budget_minutes), "eval/n_problems": len(dev),
                      PROBLEM_DIGEST: problem_set_digest(dev), "data/device": str(device), **(search_info or {})})
@@ -600,7 +622,7 @@ def train(cfg, on_evaluation=None, search_info: dict | None = None) -> RunOutcom
         if cfg.checkpointing.enabled and clock.elapsed() - last_ckpt >= 60 * cfg.checkpointing.interval_minutes:
             save_checkpoint(ckpt_path, dict(finished=False, **_ckpt_state(params, optimizer, planner, stream, step,
                                                                           skipped, eval_points, marks_done, clock,
-                                                                          eval_rate)))
+                                                                          eval_rate), history=tracker.rows))
             last_ckpt = clock.elapsed()
 
     if status == "stopped_nonfinite":
