@@ -82,7 +82,9 @@ def read_wandb_file(path: Path) -> tuple[list, dict, dict, bool]:
     whether the run wrote its exit record.  See the shared notes on W&B offline runs."""
     from wandb.proto import wandb_internal_pb2 as pb
     data = path.read_bytes()
-    if len(data) < 7 or data[:4] != b":W&B":
+    if len(data) < 7 and b":W&B"[:len(data)] == data[:4]:
+        return [], {}, {}, False    # torn before its header was complete (a process killed at once): nothing in it
+    if data[:4] != b":W&B":
         raise ValueError(f"{path} is not a W&B record")
     payloads, pos, block, pending = [], 7, 32768, b""
     while pos + 7 <= len(data):

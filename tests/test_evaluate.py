@@ -107,3 +107,18 @@ def test_a_zero_baseline_gives_a_null_gap_with_a_note(fake_runs):
     agg = ev.analyse(fake_runs, ["proposed-iter1-x", "comparative-6-iter1-x"])
     assert agg["best_baseline"] is None and agg["gap"] is None
     assert any("no baseline run" in n for n in agg["notes"])
+
+
+@pytest.mark.parametrize("content", [b"", b":W", b":W&B\x00"])
+def test_a_record_torn_before_its_header_reads_as_empty(tmp_path, content):
+    # a process killed right after W&B created its file leaves an empty or partial header: nothing logged, no error
+    path = tmp_path / "run-x.wandb"
+    path.write_bytes(content)
+    assert ev.read_wandb_file(path) == ([], {}, {}, False)
+
+
+def test_a_file_that_is_not_a_record_is_refused(tmp_path):
+    path = tmp_path / "run-x.wandb"
+    path.write_bytes(b"PK\x03\x04 not a W&B record at all")
+    with pytest.raises(ValueError, match="is not a W&B record"):
+        ev.read_wandb_file(path)
