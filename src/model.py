@@ -1131,7 +1131,6 @@ class GRAFF(Planner):
 
     def token_coefficients(self, p: _Pending) -> torch.Tensor:
         """c_i = −η_t ⟨P g_{t+1}, ∇ℓ_{t,i}⟩ / n via one forward-mode JVP over the kept sequences: (n_j,)."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
         named = [(n, q) for n, q in self.lm.named_parameters() if q.requires_grad]
         state = self.optimizer.state if self.optimizer is not None else {}
         beta1, beta2 = self.opt_cfg.betas
@@ -1144,22 +1143,7 @@ class GRAFF(Planner):
                 vhat = st["exp_avg_sq"] / (1 - beta2 ** t)
                 g = g * ((1 - beta1) / (1 - beta1 ** t)) / (vhat.sqrt() + 1e-8)
             tangents[name] = g.detach()
-        primals = {name: q.detach() for name, q in named}
-        batch = p.batch
-        was_training = self.lm.training
-        self.lm.eval()   # no dropout: the JVP differentiates the deterministic loss
-        probe, self.lm.probe_ids = self.lm.probe_ids, None
-        try:
-            with sdpa_kernel([SDPBackend.MATH]):
-                def losses(params):
-                    return torch.func.functional_call(self.lm, params, (batch.input_ids, batch.attention_mask,
-                                                                        batch.answer_mask),
-                                                      {"checkpoint_head": False})
-                _, d = torch.func.jvp(losses, (primals,), (tangents,))
-        finally:
-            self.lm.probe_ids = probe
-            self.lm.train(was_training)
-        d = d.detach().float().cpu()[: p.phi.shape[0]]
+        d = per_token_jvp(self.lm, p.batch, tangents).float().cpu()[: p.phi.shape[0]]
         return -float(p.eta.detach()) * d / p.n_tokens
 
     def track_regret(self, ctx: StepContext) -> None:
@@ -1189,6 +1173,31 @@ class GRAFF(Planner):
         self.readout_now = state["readout_now"]
         self.curv.load_state_dict(state["curv"])
         self.loss_sum, self.n_losses, self.best_loss = state["regret"]
+
+
+def per_token_jvp(lm: TokenLoss, batch: MicroBatch, tangents: dict[str, torch.Tensor]) -> torch.Tensor:
+    """d_i = ⟨v, ∇_θ ℓ_i⟩ for every answer token i of `batch` at once: one forward-mode JVP, (n,), detached.
+
+    θ are the trainable parameters, v = `tangents` (by parameter name).  Attention runs on the math kernel (the
+    fused ones have no forward-mode derivative), in eval mode (no dropout: the derivative of the deterministic
+    loss) and without the entropy probe.  Cost on the embedded default on a CPU (bench/jvp_cost.py): about 8
+    no-grad forwards; reverse-over-reverse was a third cheaper there but needs about twice the arithmetic, so
+    forward mode stays until a GPU measurement says otherwise (README, *Planner overhead*)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    primals = {name: q.detach() for name, q in lm.named_parameters() if q.requires_grad}
+    was_training = lm.training
+    lm.eval()
+    probe, lm.probe_ids = lm.probe_ids, None
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            def losses(params):
+                return torch.func.functional_call(lm, params, (batch.input_ids, batch.attention_mask,
+                                                               batch.answer_mask), {"checkpoint_head": False})
+            _, d = torch.func.jvp(losses, (primals,), (tangents,))
+    finally:
+        lm.probe_ids = probe
+        lm.train(was_training)
+    return d.detach()
 
 
 def resolve_path(path: str, results_dir: Path | None) -> Path:
