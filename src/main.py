@@ -187,7 +187,8 @@ class WandbConfig:
     entity: Optional[str] = MISSING
     project: str = MISSING
     mode: str = MISSING                          # online | offline | disabled (set from `mode`)
-    init_timeout_s: float = MISSING
+    init_timeout_s: float = MISSING              # an online start that takes longer falls back to offline
+    finish_timeout_s: float = MISSING            # an online run waits this long for its upload at the end
 
 
 @dataclass
@@ -491,6 +492,8 @@ def validate(cfg: DictConfig, explicit: set[str]) -> None:
             _check(spec.type != "loguniform" or spec.low > 0, f"optuna.search_space.{name}: loguniform needs low > 0")
     _check(cfg.wandb.mode in ("online", "offline", "disabled"),
            f"wandb.mode={cfg.wandb.mode}: use online, offline or disabled")
+    for key in ("init_timeout_s", "finish_timeout_s"):
+        _check(cfg.wandb[key] > 0, f"wandb.{key}={cfg.wandb[key]} must be > 0 (seconds)")
     _check(cfg.trial.steps >= 1 and cfg.trial.eval_problems >= 1, "trial.steps and trial.eval_problems must be ≥ 1")
 
 

@@ -142,8 +142,11 @@ class Tracker:
                       dir=str(self.results_dir))
         settings = dict(console="off", init_timeout=float(self.cfg.wandb.init_timeout_s), silent=True)
         if mode == "online":
+            # finish() waits at most finish_timeout_s for the upload (by default it retries for as long as the server
+            # is away, so a run whose server went down mid-run would never end); the record on disk stays complete
+            online = dict(settings, finish_timeout=float(self.cfg.wandb.finish_timeout_s), finish_timeout_raises=True)
             try:
-                self.run = wandb.init(mode="online", settings=wandb.Settings(**settings), **kwargs)
+                self.run = wandb.init(mode="online", settings=wandb.Settings(**online), **kwargs)
             except Exception as err:   # unreachable server, bad key: the run goes on offline
                 first = (str(err).splitlines() or [type(err).__name__])[0]
                 print(f"W&B: online start failed ({first[:160]}): logging offline instead")
@@ -184,7 +187,13 @@ class Tracker:
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             import wandb
-            self.run.finish(exit_code=exit_code)
+            folder = Path(self.run.settings.sync_dir)
+            try:
+                self.run.finish(exit_code=exit_code)
+            except TimeoutError:   # online, and the server did not take the data in time (it went away mid-run)
+                print(f"W&B: the server did not take all of the run's data within wandb.finish_timeout_s="
+                      f"{self.cfg.wandb.finish_timeout_s:g} s; nothing is lost, the record on disk is complete: "
+                      f"upload it when the server is back with: wandb sync --no-skip-online {folder}")
             # finish() can return before the record file is complete (seen with wandb 0.31 offline); shutting the
             # service down waits for it, so whatever reads the record next (evaluate, a test) sees all of it
             wandb.teardown()

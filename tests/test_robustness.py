@@ -16,6 +16,7 @@ from src import evaluate as ev
 from src import main as entry
 from src import train as tr
 from tests.conftest import REPO
+from tests.fake_wandb import FakeWandbServer
 
 TINY = "comparative-4-iter1-tiny-synthetic"
 
@@ -77,6 +78,8 @@ BAD_INPUTS = [
     ("batch sizes disagree", [f"run={TINY}", "mode=trial", "training.global_batch_size=32"], None,
      "make them agree"),
     ("bad learning rate", [f"run={TINY}", "mode=trial", "training.optimizer.lr_init=0"], None, "must be > 0"),
+    ("W&B finish timeout not positive", [f"run={TINY}", "mode=trial", "wandb.finish_timeout_s=0"], None,
+     "wandb.finish_timeout_s=0.0 must be > 0"),
     ("guard beyond the edge", ["run=proposed-iter1-tiny-synthetic", "mode=trial",
                                "training.scheduler.stability_guard=3"], None, "edge of stability"),
     ("unknown metric", [f"run={TINY}", "mode=trial", "evaluation.metrics=[bleu]"], None, "only [exact_match]"),
@@ -192,6 +195,38 @@ def test_unreachable_wandb_host_finishes_offline(tmp_path):
     assert "online start failed" in proc.stdout and "wandb sync" in proc.stdout
     _, summary, _, finished = _history(tmp_path, TINY)
     assert finished and tr.FINAL_EM in summary
+
+
+@pytest.mark.slow
+def test_wandb_server_lost_mid_run_finishes_and_the_printed_sync_uploads_everything(tmp_path):
+    server = FakeWandbServer().start()
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(WANDB_API_KEY="0" * 40, WANDB_BASE_URL=server.url)
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "src.main", f"run={TINY}", f"results_dir={tmp_path}",
+                             "mode=full", "training.budget_minutes=0.15", "wandb.finish_timeout_s=5"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:                  # the run starts online; then the server goes away, mid-run
+        seen.append(line)
+        if line.startswith("W&B: online run"):
+            server.stop()
+            break
+    rest, err = proc.communicate(timeout=300)
+    out = "".join(seen) + rest
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "W&B: online run" in out and "did not take all of the run's data" in out, out
+    history, summary, _, finished = _history(tmp_path, TINY)   # the local record is complete
+    assert finished and tr.FINAL_EM in summary
+    # the command the run printed uploads every step once the server is back
+    command = out.split("upload it when the server is back with: ")[1].splitlines()[0].split()
+    assert command[:3] == ["wandb", "sync", "--no-skip-online"]
+    server.steps.clear()
+    server.start()
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    synced = subprocess.run([str(wandb_cli), *command[1:]], env=env, capture_output=True, text=True, timeout=120)
+    server.stop()
+    assert synced.returncode == 0, synced.stderr
+    assert server.steps == {r["_step"] for r in history}
 
 
 # --- resume after a crash -----------------------------------------------------------------------------------------
