@@ -4,7 +4,7 @@
 
 Reads each run from its local W&B record under `{results_dir}/wandb/` when there is one (offline runs, and the
 local copy an online run also writes), otherwise through `wandb.Api()` with the entity and project of
-config/config.yaml.  Imports nothing from src/ and no torch: it runs on a CPU machine in about a second.
+config/config.yaml (also when an online run's local copy lacks steps the server holds: see load_run).  Imports nothing from src/ and no torch: it runs on a CPU machine in about a second.
 
 Writes
   {results_dir}/{run_id}/metrics.json             history, summary, config and derived metrics of the run
@@ -75,6 +75,7 @@ class RunRecord:
     config: dict = field(default_factory=dict)
     source: str = ""
     finished: bool = False
+    note: str = ""                                       # one line the analysis should say about this record
 
 
 def read_wandb_file(path: Path) -> tuple[list, dict, dict, bool]:
@@ -197,17 +198,44 @@ def merge_segments(segments: list[tuple[list, dict, dict, bool]]) -> tuple[list,
 
 
 def load_run(results_dir: Path, run_id: str, entity, project) -> RunRecord | str:
-    """A RunRecord, or a one-line reason it could not be read."""
+    """A RunRecord, or a one-line reason it could not be read.
+
+    The local record comes first.  If it lacks steps inside its range (a process killed before W&B wrote its last
+    rows to disk, while an online run had already uploaded them, so the resumed run could not record them again),
+    an online run is read from the W&B server instead when the server's copy is complete; otherwise the local
+    record is used and its `note` names the missing steps."""
     files = local_segments(results_dir, run_id)
-    if files:
-        segments = []
-        for f in files:
-            try:
-                segments.append(read_wandb_file(f))
-            except (OSError, ValueError) as err:
-                return f"{run_id}: cannot read {f} ({err})"
-        history, summary, config, finished = merge_segments(segments)
-        return RunRecord(run_id, history, summary, config, f"local W&B record ({len(files)} file(s))", finished)
+    if not files:
+        remote = load_from_api(run_id, entity, project)
+        return remote if isinstance(remote, RunRecord) else (
+            f"{run_id}: no local W&B record under {results_dir / 'wandb'} and the W&B API could not provide it "
+            f"({remote}); check the run id, or sync the run")
+    segments = []
+    for f in files:
+        try:
+            segments.append(read_wandb_file(f))
+        except (OSError, ValueError) as err:
+            return f"{run_id}: cannot read {f} ({err})"
+    history, summary, config, finished = merge_segments(segments)
+    local = RunRecord(run_id, history, summary, config, f"local W&B record ({len(files)} file(s))", finished)
+    gap = missing_steps(history)
+    if not gap:
+        return local
+    lacking = f"the local record lacks steps {step_spans(gap)} (written by a process killed before they reached disk)"
+    if all(f.parent.name.startswith("offline-") for f in files):
+        local.note = f"{run_id}: {lacking}"
+        return local
+    remote = load_from_api(run_id, entity, project)
+    if isinstance(remote, RunRecord) and not missing_steps(remote.history) and remote.history:
+        remote.note = f"{run_id}: {lacking}; read from the W&B server instead, whose copy is complete"
+        return remote
+    why = remote if isinstance(remote, str) else "its copy lacks steps too"
+    local.note = f"{run_id}: {lacking}; the W&B server could not fill them ({why}); metrics use the local record"
+    return local
+
+
+def load_from_api(run_id: str, entity, project) -> RunRecord | str:
+    """The run as the W&B server holds it, or the first line of why it could not be read."""
     try:
         import wandb
         api = wandb.Api(timeout=20)
@@ -217,9 +245,24 @@ def load_run(results_dir: Path, run_id: str, entity, project) -> RunRecord | str
         return RunRecord(run_id, history, dict(run.summary._json_dict), dict(run.config), f"W&B API ({path})",
                          run.state == "finished")
     except Exception as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0][:160]
-        return (f"{run_id}: no local W&B record under {results_dir / 'wandb'} and the W&B API could not provide it "
-                f"({first}); check the run id, or sync the run")
+        return (str(err).splitlines() or [type(err).__name__])[0][:160]
+
+
+def missing_steps(history: list[dict]) -> list[int]:
+    """Steps absent between the first and the last step of a history."""
+    steps = {int(r["_step"]) for r in history if "_step" in r}
+    return sorted(set(range(min(steps), max(steps) + 1)) - steps) if steps else []
+
+
+def step_spans(steps: list[int]) -> str:
+    """[3, 4, 5, 9] -> "3-5, 9"."""
+    spans: list[list[int]] = []
+    for s in steps:
+        if spans and s == spans[-1][1] + 1:
+            spans[-1][1] = s
+        else:
+            spans.append([s, s])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -507,6 +550,9 @@ def analyse(results_dir: Path, run_ids: list[str]) -> dict:
                     print(f"skipped: {loaded}")
                 continue
             recs.append(loaded)
+            if loaded.note:
+                notes.append(loaded.note)
+                print(f"note: {loaded.note}")
         if not recs:
             continue
         records[run_id] = recs
@@ -542,7 +588,8 @@ def analyse(results_dir: Path, run_ids: list[str]) -> dict:
             entry["ci_method"] = f"bootstrap over {len(bits)} problems ({BOOTSTRAP_RESAMPLES} resamples)"
         primary[run_id] = entry
         figures = run_figures(main_rec, out)
-        payload = {"run_id": run_id, "status": status, "source": main_rec.source, "metrics": combined,
+        payload = {"run_id": run_id, "status": status, "source": main_rec.source, "note": main_rec.note or None,
+                   "metrics": combined,
                    "seeds": per_seed if len(recs) > 1 else None, "primary": entry,
                    "summary": main_rec.summary, "config": main_rec.config, "history": main_rec.history,
                    "figures": [p.name for p in figures]}

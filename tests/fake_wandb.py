@@ -1,7 +1,9 @@
 """A stand-in W&B server for the outage tests: it answers the calls an online run and `wandb sync` make (GraphQL,
 the file stream, file uploads) with the least the wandb 0.31 client accepts, keeps the history rows it is sent,
 and can go away and come back on the same address.  Found by trying: every GraphQL call may answer
-{"data": {}} except CreateRunFiles, which must name an upload URL for each file."""
+{"data": {}} except CreateRunFiles, which must name an upload URL for each file, and RunResumeStatus, which for
+a run the server holds answers what wandb-core's runbranch/resume.go reads (the last history row and the line
+counts: the client resumes at the step after that row)."""
 from __future__ import annotations
 
 import gzip
@@ -18,6 +20,7 @@ class FakeWandbServer:
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.steps: set[int] = set()              # `_step` of every history row received
+        self.received: dict[str, list[dict]] = {}  # run id -> history rows in the order received (duplicates kept)
         self._httpd: ThreadingHTTPServer | None = None
 
     def start(self) -> "FakeWandbServer":
@@ -43,9 +46,14 @@ class FakeWandbServer:
                     request = json.loads(raw)
                 except ValueError:                # a file upload
                     request = {}
-                if self.path.endswith("/file_stream"):
+                if self.path.endswith("/file_stream"):     # /files/<entity>/<project>/<run>/file_stream
                     history = request.get("files", {}).get("wandb-history.jsonl", {})
-                    owner.steps.update(json.loads(line)["_step"] for line in history.get("content", []))
+                    rows = [json.loads(line) for line in history.get("content", [])]
+                    owner.steps.update(row["_step"] for row in rows)
+                    owner.received.setdefault(self.path.split("/")[-2], []).extend(rows)
+                if "RunResumeStatus" in str(request.get("query", "")):
+                    self._reply({"data": {"model": owner._resume_status(request.get("variables", {}))}})
+                    return
                 if "CreateRunFiles" in str(request.get("query", "")):
                     files = request.get("variables", {}).get("files", [])
                     self._reply({"data": {"createRunFiles": {"runID": "run", "uploadHeaders": [], "files": [
@@ -58,6 +66,19 @@ class FakeWandbServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         return self
+
+    def _resume_status(self, variables: dict) -> dict | None:
+        rows = self.received.get(variables.get("name"), [])
+        if not rows:
+            return None                                    # a new run
+        last = rows[-1]
+        bucket = {"id": variables["name"], "name": variables["name"], "displayName": variables["name"],
+                  "summaryMetrics": json.dumps({"_step": last["_step"]}), "config": "{}", "tags": [], "notes": None,
+                  "historyLineCount": len(rows), "eventsLineCount": 0, "logLineCount": 0,
+                  "historyTail": json.dumps([json.dumps(last)]), "eventsTail": "[]",
+                  "wandbConfig": json.dumps({"t": {}})}
+        return {"id": "project", "name": variables.get("project"), "entity": {"id": "entity", "name": "entity"},
+                "bucket": bucket}
 
     def stop(self) -> None:
         """Go away: from now on every connection is refused."""

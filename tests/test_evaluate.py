@@ -122,3 +122,43 @@ def test_a_file_that_is_not_a_record_is_refused(tmp_path):
     path.write_bytes(b"PK\x03\x04 not a W&B record at all")
     with pytest.raises(ValueError, match="is not a W&B record"):
         ev.read_wandb_file(path)
+
+
+# --- a local record with a gap (an online run killed before W&B wrote rows it had uploaded) ---------------------
+def gap_segments(monkeypatch, tmp_path, folder_prefix, api):
+    """Two segments of one run, steps 0-3 and 6-9: steps 4-5 never reached the disk.  `api` stands for the server."""
+    folders = [tmp_path / f"{folder_prefix}run-20260101_00000{i}-r" for i in (0, 1)]
+    first = ([{"_step": s, ev.LOSS: 1.0} for s in range(4)], {}, {"run_id": "r"}, False)
+    second = ([{"_step": s, ev.LOSS: 0.5} for s in range(6, 10)], {"final": 1}, {"run_id": "r"}, True)
+    monkeypatch.setattr(ev, "local_segments", lambda d, rid: [f / "run-r.wandb" for f in folders])
+    monkeypatch.setattr(ev, "read_wandb_file", lambda path: first if path.parent == folders[0] else second)
+    calls = []
+    monkeypatch.setattr(ev, "load_from_api", lambda rid, e, p: calls.append(rid) or api)
+    return calls
+
+
+def test_a_gap_in_an_offline_record_is_named_and_the_server_is_not_asked(monkeypatch, tmp_path):
+    calls = gap_segments(monkeypatch, tmp_path, "offline-", api="not to be called")
+    rec = ev.load_run(tmp_path, "r", None, "p")
+    assert calls == [] and [r["_step"] for r in rec.history] == [0, 1, 2, 3, 6, 7, 8, 9]
+    assert rec.note == "r: the local record lacks steps 4-5 (written by a process killed before they reached disk)"
+
+
+def test_a_gap_in_an_online_record_is_filled_from_the_server_when_its_copy_is_complete(monkeypatch, tmp_path):
+    server = ev.RunRecord("r", [{"_step": s, ev.LOSS: 1.0} for s in range(10)], {"final": 1}, {}, "W&B API", True)
+    gap_segments(monkeypatch, tmp_path, "", api=server)
+    rec = ev.load_run(tmp_path, "r", None, "p")
+    assert rec.source == "W&B API" and len(rec.history) == 10 and "read from the W&B server instead" in rec.note
+
+
+def test_a_gap_in_an_online_record_stays_named_when_the_server_cannot_fill_it(monkeypatch, tmp_path):
+    gap_segments(monkeypatch, tmp_path, "", api="connection refused")
+    rec = ev.load_run(tmp_path, "r", None, "p")
+    assert rec.source.startswith("local") and len(rec.history) == 8 and rec.finished
+    assert rec.note.endswith("lacks steps 4-5 (written by a process killed before they reached disk); the W&B "
+                             "server could not fill them (connection refused); metrics use the local record")
+
+
+def test_step_spans():
+    assert ev.step_spans([3, 4, 5, 9]) == "3-5, 9" and ev.step_spans([7]) == "7"
+    assert ev.missing_steps([{"_step": 0}, {"_step": 3}]) == [1, 2] and ev.missing_steps([]) == []
