@@ -1,19 +1,20 @@
 """Planner overhead: time per optimiser step and the share spent inside the planner, for each planner.
 
-    uv run python bench/planner_overhead.py [--run RUN_ID] [--steps N] [--out FILE] [override ...]
+    uv run python bench/planner_overhead.py [--run RUN_ID] [--steps N] [--warmup N] [--planners a,b]
+                                           [--no-variants] [--out FILE] [override ...]
 
 Builds the run's model and data exactly as training does (src.main composes the config, src.train's
-`optimiser_step` runs the step), then times `--steps` optimiser steps per planner after 5 warm-up steps, on the
-same batches for every planner.  "planner share" is the time inside the planner's calls (the first-layer probe,
-token weights, plan, after_step), measured by the loop's own stopwatch (synchronised on a GPU).
+`optimiser_step` runs the step), then times `--steps` optimiser steps per planner after `--warmup` warm-up steps,
+on the same batches for every planner.  With GRAFF among the planners it also times GRAFF with fewer JVP
+sequences (jvp_sequences 0 and 2), unless `--no-variants`.  "planner share" is the time inside the planner's
+calls (the first-layer probe, token weights, plan, after_step), measured by the loop's own stopwatch
+(synchronised on a GPU).
 
-On a GPU, the Qwen3-0.6B architecture can be timed without the hub by overriding the model to a config-built
-Qwen3 of the same shape (random weights; timing does not depend on them), e.g.
-    uv run python bench/planner_overhead.py --run proposed-iter1-Qwen3-0.6B-gsm8k model.name=embedded \
-        model.parameter_count=null model.embedded.layers=28 model.embedded.hidden=1024 model.embedded.heads=16 \
-        model.embedded.kv_heads=8 model.embedded.head_dim=128 model.embedded.intermediate=3072 \
-        dataset.name=<folder of GSM8K-format train.jsonl/test.jsonl>
-(the embedded tokenizer's vocabulary is small, so the LM head is cheaper than Qwen3's 151,936 words).
+On a GPU, the Qwen3-0.6B architecture is timed without the hub on a local folder of the same shape (random
+weights, the full 151,936-word vocabulary; timing does not depend on the weights), as bench/gpu_checks.sh does:
+    uv run python bench/qwen3_shape.py --out .cache/qwen3-0.6b-shape
+    uv run python bench/planner_overhead.py --run proposed-iter1-Qwen3-0.6B-gsm8k \
+        model.name=.cache/qwen3-0.6b-shape dataset.name=synthetic
 """
 from __future__ import annotations
 
@@ -37,14 +38,14 @@ from src.train import BudgetClock, make_autocast, optimiser_step, pick_device
 ALL = ["constant", "cosine", "linear", "wsd", "schedulefree", "salelr", "bats", "reactor", "graff"]
 
 
-def measure(cfg, kinds, steps, graff_variants):
+def measure(cfg, kinds, steps, warmup, graff_variants):
     device = pick_device(cfg.training.device)
     autocast = make_autocast(device, cfg.training.mixed_precision)
     t = cfg.training
     loaded = build_model(cfg.model, t.gradient_checkpointing, device)
     fmt = PromptFormat(loaded.tokenizer)
     stream = TrainStream(cfg.dataset, fmt, t.micro_batch_size, cfg.dataset.max_tokens, cfg.seed, 1000)
-    batches = [[stream.next() for _ in range(t.gradient_accumulation_steps)] for _ in range(steps + 5)]
+    batches = [[stream.next() for _ in range(t.gradient_accumulation_steps)] for _ in range(steps + warmup)]
     initial = {n: p.detach().clone() for n, p in loaded.peft.named_parameters() if p.requires_grad}
     rows = []
     for kind, label, overrides in [(k, k, {}) for k in kinds] + graff_variants:
@@ -70,7 +71,7 @@ def measure(cfg, kinds, steps, graff_variants):
             ctx = StepContext(step=i, elapsed_s=start, budget_s=1e9, horizon_s=1e9)
             result = optimiser_step(lm, planner, optimizer, params, micro, device, autocast, t.clip_grad_norm, ctx,
                                     clock, False)
-            if i >= 5:
+            if i >= warmup:
                 total += clock.elapsed() - start
                 planner_s += result.planner_s
                 tokens += result.tokens
@@ -86,7 +87,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="proposed-iter1-tiny-synthetic")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--planners", default=",".join(ALL))
+    parser.add_argument("--no-variants", action="store_true",
+                        help="time GRAFF with its configured jvp_sequences only")
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -96,9 +100,11 @@ def main():
     apply_mode(cfg, explicit)
     prepare_hub_access([cfg.model.name, cfg.dataset.name])
     variants = [("graff", "graff (jvp_sequences=0)", {"jvp_sequences": 0}),
-                ("graff", "graff (jvp_sequences=2)", {"jvp_sequences": 2})] if "graff" in args.planners else []
-    rows, device = measure(cfg, args.planners.split(","), args.steps, variants)
-    record = {"run": args.run, "overrides": args.overrides, "steps": args.steps, "device": str(device),
+                ("graff", "graff (jvp_sequences=2)", {"jvp_sequences": 2})] \
+        if "graff" in args.planners and not args.no_variants else []
+    rows, device = measure(cfg, args.planners.split(","), args.steps, args.warmup, variants)
+    record = {"run": args.run, "overrides": args.overrides, "steps": args.steps, "warmup": args.warmup,
+              "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
               or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "results": rows}
