@@ -20,7 +20,8 @@
 #  4. bench/jvp_cost.py: GRAFF's per-token JVP against a no-grad forward, same model and data.
 #  5. bench/determinism.py: the same steps twice (fixed LR and GRAFF), compared bit for bit.
 # Each part has its own time limit, and one that fails does not stop the next.  Knobs (environment): OUT, PY,
-# LAYERS (28), BUDGET_MIN (2), STEPS (4), WARMUP (2), PLANNERS, EXTRA (more overrides for parts 2-5).
+# LAYERS (28), BUDGET_MIN (2), STEPS (4), WARMUP (2), PLANNERS, VARIANTS (0: GRAFF with its own jvp_sequences
+# only; 1: also 0 and 2), PARTS (which of 2-5 to run, default "2 3 4 5"), EXTRA (more overrides for parts 2-5).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-checks}
@@ -31,6 +32,8 @@ STEPS=${STEPS:-4}
 WARMUP=${WARMUP:-2}
 PLANNERS=${PLANNERS:-constant,schedulefree,salelr,bats,reactor,graff}
 EXTRA=${EXTRA:-}
+VARIANTS=${VARIANTS:-0}
+PARTS=${PARTS:-2 3 4 5}
 RUN=proposed-iter1-Qwen3-0.6B-gsm8k
 MODEL=.cache/qwen3-0.6b-shape
 RESULTS=/tmp/gpu-checks-results
@@ -81,11 +84,16 @@ part "1. Qwen3-0.6B-shaped model folder ($LAYERS layers)"
 timeout 300 $PY bench/qwen3_shape.py --out $MODEL --layers "$LAYERS"
 Q="model.name=$MODEL dataset.name=synthetic $EXTRA"
 
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+
+if want 2; then
 part "2. planner overhead: $PLANNERS ($WARMUP warm-up + $STEPS timed steps each)"
 # shellcheck disable=SC2086
 timeout 240 $PY bench/planner_overhead.py --run $RUN --steps "$STEPS" --warmup "$WARMUP" --planners "$PLANNERS" \
-    --no-variants --out "$OUT/planner_overhead.gpu.json" $Q
+    $([ "$VARIANTS" = 1 ] || echo --no-variants) --out "$OUT/planner_overhead.gpu.json" $Q
+fi
 
+if want 3; then
 part "3. full run through the CLI, budget $BUDGET_MIN min, then src.evaluate"
 rm -rf $RESULTS
 # shellcheck disable=SC2086
@@ -97,14 +105,19 @@ echo "exit $?"
 cp "$RESULTS/$RUN/metrics.json" "$OUT/run_metrics.json" 2>/dev/null
 # the record without the checkpoint (adapters and optimiser state: hundreds of MB)
 tar -czf "$OUT/run_record.tgz" -C $RESULTS --exclude='*.pt' --exclude='checkpoint*' . 2>/dev/null
+fi
 
+if want 4; then
 part "4. GRAFF's per-token JVP"
 # shellcheck disable=SC2086
 timeout 120 $PY bench/jvp_cost.py --run $RUN --repeats 10 --out "$OUT/jvp_cost.gpu.json" $Q
+fi
 
+if want 5; then
 part "5. determinism: the same $STEPS steps twice"
 # shellcheck disable=SC2086
 timeout 120 $PY bench/determinism.py --run $RUN --steps "$STEPS" --out "$OUT/determinism.gpu.json" $Q
+fi
 
 part "done"
 }

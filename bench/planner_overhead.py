@@ -5,7 +5,8 @@
 
 Builds the run's model and data exactly as training does (src.main composes the config, src.train's
 `optimiser_step` runs the step), then times `--steps` optimiser steps per planner after `--warmup` warm-up steps,
-on the same batches for every planner.  With GRAFF among the planners it also times GRAFF with fewer JVP
+on the same batches for every planner.  Before any of them, `--warmup` steps with fixed LR warm the device up
+(on a GPU, the first planner's steps were twice as slow without this).  With GRAFF among the planners it also times GRAFF with fewer JVP
 sequences (jvp_sequences 0 and 2), unless `--no-variants`.  "planner share" is the time inside the planner's
 calls (the first-layer probe, token weights, plan, after_step), measured by the loop's own stopwatch
 (synchronised on a GPU).
@@ -48,7 +49,7 @@ def measure(cfg, kinds, steps, warmup, graff_variants):
     batches = [[stream.next() for _ in range(t.gradient_accumulation_steps)] for _ in range(steps + warmup)]
     initial = {n: p.detach().clone() for n, p in loaded.peft.named_parameters() if p.requires_grad}
     rows = []
-    for kind, label, overrides in [(k, k, {}) for k in kinds] + graff_variants:
+    for kind, label, overrides in [("constant", None, {})] + [(k, k, {}) for k in kinds] + graff_variants:
         with torch.no_grad():                                   # every planner starts from the same weights
             for n, p in loaded.peft.named_parameters():
                 if n in initial:
@@ -76,6 +77,8 @@ def measure(cfg, kinds, steps, warmup, graff_variants):
                 planner_s += result.planner_s
                 tokens += result.tokens
         lm.core.model.layers[0]._forward_hooks.clear()
+        if label is None:   # the device warm-up
+            continue
         rows.append({"planner": label, "step_s": total / steps, "planner_share": planner_s / total,
                      "tokens_per_s": tokens / total})
         print(f"{label:28s} {total / steps * 1000:8.1f} ms/step   planner {100 * planner_s / total:5.1f}%   "

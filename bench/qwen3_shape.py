@@ -44,7 +44,8 @@ def main():
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     torch.manual_seed(args.seed)
-    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):   # a random draw is faster on a GPU
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
