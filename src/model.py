@@ -153,14 +153,14 @@ def build_model(model_cfg, gradient_checkpointing: bool, device: torch.device) -
     model = get_peft_model(base, lora)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # non-reentrant checkpointing needs no inputs that require grad, so the hook PEFT adds for the
-        # reentrant kind (embedding outputs that require grad) is taken off again
+        # non-reentrant checkpointing needs no inputs that require grad; the hook PEFT adds for the reentrant
+        # kind would also break GRAFF's forward-mode JVP (torch.func refuses requires_grad_ inside a transform)
         base.disable_input_require_grads()
     model.config.use_cache = False   # training forwards never need the KV cache; generate() asks for it itself
     # from_pretrained leaves the base model in eval mode, and get_peft_model only sets its own new modules to
     # train: without this the decoder layers would skip gradient checkpointing (transformers applies it only in
     # training mode) until the first evaluation switched the whole model to train.  Found on an H100, where
-    # the seed's settings ran ~1.9x faster per step in that state than with checkpointing (and need more memory).
+    # GRAFF's steps (its JVP restores training mode on the whole model) checkpointed and the others' did not.
     model.train()
     model.to(device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -953,9 +953,9 @@ class GRAFF(Planner):
       ∂L_{t+1}/∂η_t = −⟨g_{t+1}, u_t⟩, a dot product over the adapters after the model's ordinary backward at
       t+1, pushed through η_t's graph (kept from step t) into W and the encoder: no second backward, no
       REINFORCE.  For m: u_t ≈ P Σ_i m_i ∇ℓ_{t,i}/n (P Adam's preconditioner, as a diagonal), so
-      ∂L_{t+1}/∂m_{t,i} ≈ −η_t ⟨P g_{t+1}, ∇ℓ_{t,i}⟩ / n for every i at once: one Jacobian-vector product of
-      step t's per-token losses in the direction P g_{t+1} (per_token_jvp: reverse-over-reverse, attention on
-      the math kernel), on `jvp_sequences` sequences of step t to bound its cost.  The m term
+      ∂L_{t+1}/∂m_{t,i} ≈ −η_t ⟨P g_{t+1}, ∇ℓ_{t,i}⟩ / n for every i at once: one forward-mode JVP of step t's
+      per-token losses in the direction P g_{t+1} (torch.func.jvp, attention on the math kernel, which has
+      forward-mode derivatives), on `jvp_sequences` sequences of step t to bound its cost.  The m term
       reaches W's token rows only (recomputed with the current W from the stored h̄ and φ: the graph from two
       steps back would span an update of W); the encoder learns through η.
     * R_T = (L_T − L_best)/time_T: L_best and time_T do not depend on W, so ∇_W R_T is ∇_W L_T / time_T; the
@@ -1135,7 +1135,7 @@ class GRAFF(Planner):
         return norm
 
     def token_coefficients(self, p: _Pending) -> torch.Tensor:
-        """c_i = −η_t ⟨P g_{t+1}, ∇ℓ_{t,i}⟩ / n via one Jacobian-vector product over the kept sequences: (n_j,)."""
+        """c_i = −η_t ⟨P g_{t+1}, ∇ℓ_{t,i}⟩ / n via one forward-mode JVP over the kept sequences: (n_j,)."""
         named = [(n, q) for n, q in self.lm.named_parameters() if q.requires_grad]
         state = self.optimizer.state if self.optimizer is not None else {}
         beta1, beta2 = self.opt_cfg.betas
@@ -1181,31 +1181,25 @@ class GRAFF(Planner):
 
 
 def per_token_jvp(lm: TokenLoss, batch: MicroBatch, tangents: dict[str, torch.Tensor]) -> torch.Tensor:
-    """d_i = ⟨v, ∇_θ ℓ_i⟩ for every answer token i of `batch` at once, (n,), detached: the Jacobian-vector
-    product J v of the per-token losses ℓ (n,) in the direction v = `tangents` (by parameter name) over the
-    trainable parameters θ.
+    """d_i = ⟨v, ∇_θ ℓ_i⟩ for every answer token i of `batch` at once: one forward-mode JVP, (n,), detached.
 
-    Computed by reverse-over-reverse: Jᵀu = ∇_θ ⟨u, ℓ⟩ is one backward with its graph kept, and ⟨Jᵀu, v⟩ is
-    linear in u, so its gradient with respect to u is J v (a second backward); u = 0 is as good as any.  This was
-    measured faster than forward mode (torch.func.jvp) on both machines we have (bench/jvp_cost.py: 1.9x on an
-    H100 with the Qwen3-0.6B architecture, 1.6x on 2 CPU cores with the embedded default), although it does more
-    arithmetic: forward mode pays for many small "zero tangent" operations.  Attention runs on the math kernel
-    (the fused ones have no double backward), in eval mode (no dropout: the derivative of the deterministic
-    loss; eval mode also turns gradient checkpointing off) and without the entropy probe."""
+    θ are the trainable parameters, v = `tangents` (by parameter name).  Attention runs on the math kernel (the
+    fused ones have no forward-mode derivative), in eval mode (no dropout: the derivative of the deterministic
+    loss) and without the entropy probe.  Forward mode, because the method allows one backward pass of the
+    model per step (SPEC §8).  Reverse-over-reverse (J v = ∂/∂u ⟨Jᵀu, v⟩) gives the same values with two more
+    backward passes over these sequences; measured (bench/jvp_cost.py), it was 1.5x faster on 2 CPU cores,
+    1.9x faster on one H100 machine and 5% slower on another (README, *Planner overhead*)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    named = [(name, q) for name, q in lm.named_parameters() if q.requires_grad]
+    primals = {name: q.detach() for name, q in lm.named_parameters() if q.requires_grad}
     was_training = lm.training
     lm.eval()
     probe, lm.probe_ids = lm.probe_ids, None
     try:
-        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
-            losses = lm(batch.input_ids, batch.attention_mask, batch.answer_mask, checkpoint_head=False)   # ℓ (n,)
-            u = torch.zeros_like(losses, requires_grad=True)
-            grads = torch.autograd.grad(losses, [q for _, q in named], grad_outputs=u, create_graph=True,
-                                        allow_unused=True)                                    # Jᵀu, per parameter
-            inner = sum((g * tangents[name].to(g.dtype)).sum() for (name, _), g in zip(named, grads)
-                        if g is not None)                                                     # ⟨Jᵀu, v⟩
-            (d,) = torch.autograd.grad(inner, u)                                              # J v (n,)
+        with sdpa_kernel([SDPBackend.MATH]):
+            def losses(params):
+                return torch.func.functional_call(lm, params, (batch.input_ids, batch.attention_mask,
+                                                               batch.answer_mask), {"checkpoint_head": False})
+            _, d = torch.func.jvp(losses, (primals,), (tangents,))
     finally:
         lm.probe_ids = probe
         lm.train(was_training)
