@@ -13,21 +13,12 @@ attention kernels and atomics do to it (bench/gpu_checks.sh runs it there).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
-import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from omegaconf import OmegaConf
+from harness import fresh_planner, setup, write_record
 
-from src.main import PLANNER_KNOBS, apply_mode, compose, validate
-from src.model import PLANNERS, StepContext, TokenLoss, adapter_graph, build_model, frequent_tokens
-from src.preprocess import PromptFormat, TrainStream, prepare_hub_access
-from src.train import make_autocast, optimiser_step, pick_device
+from src.model import StepContext
+from src.train import optimiser_step
 
 
 class StepClock:
@@ -39,33 +30,22 @@ class StepClock:
         return self.now
 
 
-def run_once(cfg, loaded, kind, batches, initial, device, autocast):
-    """`len(batches)` optimiser steps from `initial`; returns the losses, the η_t and the final LoRA weights."""
-    with torch.no_grad():
-        for n, p in loaded.peft.named_parameters():
-            if n in initial:
-                p.copy_(initial[n])
-    torch.manual_seed(cfg.seed)
-    t = cfg.training
-    lm = TokenLoss(loaded.peft)
-    params = [p for p in loaded.peft.parameters() if p.requires_grad]
-    knobs = OmegaConf.masked_copy(t.scheduler, list(PLANNER_KNOBS[kind]))
-    knobs.update({"warm_start_ckpt": None} if kind == "graff" else {})
-    planner = PLANNERS[kind](knobs, t.optimizer, lm, params, adapter_graph(loaded.peft))
-    optimizer = planner.make_optimizer()
-    lm.probe_ids = frequent_tokens([mb for step in batches[:4] for mb in step], t.probe_vocab).to(device) \
-        if planner.uses_probe else None
+def run_once(bench, kind, batches):
+    """`len(batches)` optimiser steps from the initial weights; returns the losses, the η_t and the final LoRA
+    weights."""
+    torch.manual_seed(bench.cfg.seed)
+    lm, planner, optimizer, params = fresh_planner(bench, kind, batches)
     clock = StepClock()
     losses, etas = [], []
     for i, micro in enumerate(batches):
         clock.now = float(i)
         ctx = StepContext(step=i, elapsed_s=clock.now, budget_s=len(batches) + 1.0, horizon_s=len(batches) + 1.0)
-        result = optimiser_step(lm, planner, optimizer, params, micro, device, autocast, t.clip_grad_norm, ctx,
-                                clock, False)
+        result = optimiser_step(lm, planner, optimizer, params, micro, bench.device, bench.autocast,
+                                bench.cfg.training.clip_grad_norm, ctx, clock, False)
         losses.append(result.loss)
         etas.append(result.eta)
-    lm.core.model.layers[0]._forward_hooks.clear()
-    final = {n: p.detach().float().cpu().clone() for n, p in loaded.peft.named_parameters() if n in initial}
+    final = {n: p.detach().float().cpu().clone() for n, p in bench.loaded.peft.named_parameters()
+             if n in bench.initial}
     return losses, etas, final
 
 
@@ -77,23 +57,11 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    cfg, explicit = compose([f"run={args.run}", "results_dir=/tmp/graff-bench", "mode=full", "wandb.mode=disabled",
-                             *args.overrides])
-    validate(cfg, explicit)
-    apply_mode(cfg, explicit)
-    prepare_hub_access([cfg.model.name, cfg.dataset.name])
-    device = pick_device(cfg.training.device)
-    autocast = make_autocast(device, cfg.training.mixed_precision)
-    t = cfg.training
-    loaded = build_model(cfg.model, t.gradient_checkpointing, device)
-    stream = TrainStream(cfg.dataset, PromptFormat(loaded.tokenizer), t.micro_batch_size, cfg.dataset.max_tokens,
-                         cfg.seed, 1000)
-    batches = [[stream.next() for _ in range(t.gradient_accumulation_steps)] for _ in range(args.steps)]
-    initial = {n: p.detach().clone() for n, p in loaded.peft.named_parameters() if p.requires_grad}
+    bench = setup(args.run, args.overrides)
+    batches = bench.batches(args.steps)
     rows = []
     for kind in args.planners.split(","):
-        (l1, e1, w1), (l2, e2, w2) = (run_once(cfg, loaded, kind, batches, initial, device, autocast)
-                                      for _ in range(2))
+        (l1, e1, w1), (l2, e2, w2) = (run_once(bench, kind, batches) for _ in range(2))
         row = {"planner": kind, "losses": [l1, l2], "etas": [e1, e2],
                "max_loss_diff": max(abs(a - b) for a, b in zip(l1, l2)),
                "max_eta_diff": max(abs(a - b) for a, b in zip(e1, e2)),
@@ -103,13 +71,8 @@ def main():
         print(f"{kind:10s} {'bit-identical' if row['bit_identical'] else 'DIFFERENT':14s} | largest difference: "
               f"loss {row['max_loss_diff']:.3g}, η {row['max_eta_diff']:.3g}, LoRA weight "
               f"{row['max_weight_diff']:.3g} after {args.steps} steps", flush=True)
-    record = {"run": args.run, "overrides": args.overrides, "steps": args.steps, "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-              or platform.machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "results": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_record(args.out, bench.device, {"run": args.run, "overrides": args.overrides, "steps": args.steps,
+                                          "results": rows})
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ EOF
 }
 if ! datasets_ok && compgen -G ".whl/fallback/*.whl" > /dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/fallback/*.whl && datasets_ok || echo "datasets cannot read JSONL here: parts 2-4 will fail"
+        .whl/fallback/*.whl && datasets_ok || echo "datasets cannot read JSONL here: parts 2-5 will fail"
 fi
 $PY - <<'EOF'
 import importlib, torch

@@ -18,21 +18,13 @@ one elementwise add with an efficient zero tensor against a plain one, the per-o
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from harness import setup, write_record
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from src.main import apply_mode, compose, validate
-from src.model import TokenLoss, build_model, per_token_jvp
-from src.preprocess import PromptFormat, TrainStream, prepare_hub_access
-from src.train import pick_device
+from src.model import TokenLoss, per_token_jvp
 
 
 def timed(fn, repeats: int, device: torch.device) -> tuple[float, object]:
@@ -56,19 +48,11 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    cfg, explicit = compose([f"run={args.run}", "results_dir=/tmp/graff-bench", "mode=full", "wandb.mode=disabled",
-                             *args.overrides])
-    validate(cfg, explicit)
-    apply_mode(cfg, explicit)
-    prepare_hub_access([cfg.model.name, cfg.dataset.name])
-    device = pick_device(cfg.training.device)
-    t = cfg.training
-    n_seq = args.sequences or t.scheduler.jvp_sequences
-    loaded = build_model(cfg.model, t.gradient_checkpointing, device)
-    stream = TrainStream(cfg.dataset, PromptFormat(loaded.tokenizer), t.micro_batch_size, cfg.dataset.max_tokens,
-                         cfg.seed, 1000)
-    batch = stream.next().select(slice(0, n_seq)).to(device)
-    lm = TokenLoss(loaded.peft)
+    bench = setup(args.run, args.overrides)
+    device = bench.device
+    n_seq = args.sequences or bench.cfg.training.scheduler.jvp_sequences
+    batch = bench.stream.next().select(slice(0, n_seq)).to(device)
+    lm = TokenLoss(bench.loaded.peft)
     lm.eval()
     named = [(n, q) for n, q in lm.named_parameters() if q.requires_grad]
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -111,18 +95,13 @@ def main():
     rows = {"no_grad_forward_s": t_fwd, "per_token_jvp_s": t_jvp, "all_dual_jvp_s": t_dual,
             "reverse_over_reverse_s": t_rr, "largest_relative_difference": diff,
             "add_plain_us": t_add * 1e6, "add_efficient_zero_tensor_us": t_zadd * 1e6}
-    record = {"run": args.run, "overrides": args.overrides, "sequences": n_seq,
-              "answer_tokens": batch.n_answer_tokens, "repeats": args.repeats, "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-              or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "results": rows}
     for key, value in rows.items():
         print(f"{key:32s} {value:.6g}")
     print(f"per_token_jvp / no-grad forward: {t_jvp / t_fwd:.1f}x; reverse-over-reverse / per_token_jvp: "
           f"{t_rr / t_jvp:.2f}x")
-    if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_record(args.out, device, {"run": args.run, "overrides": args.overrides, "sequences": n_seq,
+                                    "answer_tokens": batch.n_answer_tokens, "repeats": args.repeats,
+                                    "results": rows})
 
 
 if __name__ == "__main__":

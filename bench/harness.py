@@ -1,0 +1,85 @@
+"""What the bench scripts share: the run's model and data built as training builds them, a planner set up from
+scratch on the same weights, and the record each script writes."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from omegaconf import OmegaConf
+
+from src.main import PLANNER_KNOBS, apply_mode, compose, validate
+from src.model import PLANNERS, LoadedModel, TokenLoss, adapter_graph, build_model, frequent_tokens
+from src.preprocess import PromptFormat, TrainStream, prepare_hub_access
+from src.train import make_autocast, pick_device
+
+
+@dataclass
+class Bench:
+    cfg: object                  # the composed, validated config of the run (mode=full, W&B disabled)
+    device: torch.device
+    autocast: object             # the training loop's autocast context factory
+    loaded: LoadedModel
+    stream: TrainStream          # the run's training micro-batches, in training order
+    initial: dict                # the LoRA weights as built: every planner starts from them
+
+    def batches(self, steps: int) -> list:
+        """The micro-batches of `steps` optimiser steps."""
+        accum = self.cfg.training.gradient_accumulation_steps
+        return [[self.stream.next() for _ in range(accum)] for _ in range(steps)]
+
+
+def setup(run: str, overrides: list[str]) -> Bench:
+    """Compose the run's config with the overrides (refused as the CLI refuses them) and build its model and data."""
+    cfg, explicit = compose([f"run={run}", "results_dir=/tmp/graff-bench", "mode=full", "wandb.mode=disabled",
+                             *overrides])
+    validate(cfg, explicit)
+    apply_mode(cfg, explicit)
+    prepare_hub_access([cfg.model.name, cfg.dataset.name])
+    t = cfg.training
+    device = pick_device(t.device)
+    loaded = build_model(cfg.model, t.gradient_checkpointing, device)
+    stream = TrainStream(cfg.dataset, PromptFormat(loaded.tokenizer), t.micro_batch_size, cfg.dataset.max_tokens,
+                         cfg.seed, 1000)
+    initial = {n: p.detach().clone() for n, p in loaded.peft.named_parameters() if p.requires_grad}
+    return Bench(cfg, device, make_autocast(device, t.mixed_precision), loaded, stream, initial)
+
+
+def fresh_planner(bench: Bench, kind: str, batches: list, knob_overrides: dict | None = None):
+    """The LoRA weights reset to `bench.initial`, a new TokenLoss and planner of `kind` (GRAFF cold: no warm
+    start), its optimiser, and the probe's sub-vocabulary from `batches` as the loop picks it.
+    Returns (lm, planner, optimizer, params)."""
+    peft, t = bench.loaded.peft, bench.cfg.training
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if n in bench.initial:
+                p.copy_(bench.initial[n])
+    peft.get_base_model().model.layers[0]._forward_hooks.clear()   # the previous TokenLoss's probe hook
+    lm = TokenLoss(peft)
+    params = [p for p in peft.parameters() if p.requires_grad]
+    knobs = OmegaConf.masked_copy(t.scheduler, list(PLANNER_KNOBS[kind]))
+    knobs.update({"warm_start_ckpt": None} if kind == "graff" else {})
+    knobs.update(knob_overrides or {})
+    planner = PLANNERS[kind](knobs, t.optimizer, lm, params, adapter_graph(peft))
+    optimizer = planner.make_optimizer()
+    lm.probe_ids = frequent_tokens([mb for step in batches[:4] for mb in step], t.probe_vocab).to(bench.device) \
+        if planner.uses_probe else None
+    return lm, planner, optimizer, params
+
+
+def write_record(out: str | None, device: torch.device, fields: dict) -> dict:
+    """`fields` with the machine, torch version and date; written as JSON to `out` when given."""
+    record = {**fields, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+              or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d")}
+    if out:
+        Path(out).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {out}")
+    return record
