@@ -15,33 +15,20 @@ from __future__ import annotations
 import argparse
 
 import torch
-from harness import fresh_planner, setup, write_record
+from harness import fresh_planner, setup, steps_clock_context, write_record
 
-from src.model import StepContext
 from src.train import optimiser_step
-
-
-class StepClock:
-    """Stands in for the budget clock: reads whatever the loop below sets (seconds), never the wall clock."""
-    def __init__(self):
-        self.now = 0.0
-
-    def elapsed(self) -> float:
-        return self.now
 
 
 def run_once(bench, kind, batches):
     """`len(batches)` optimiser steps from the initial weights; returns the losses, the η_t and the final LoRA
     weights."""
     torch.manual_seed(bench.cfg.seed)
-    lm, planner, optimizer, params = fresh_planner(bench, kind, batches)
-    clock = StepClock()
+    planner = fresh_planner(bench, kind, batches)
     losses, etas = [], []
     for i, micro in enumerate(batches):
-        clock.now = float(i)
-        ctx = StepContext(step=i, elapsed_s=clock.now, budget_s=len(batches) + 1.0, horizon_s=len(batches) + 1.0)
-        result = optimiser_step(lm, planner, optimizer, params, micro, bench.device, bench.autocast,
-                                bench.cfg.training.clip_grad_norm, ctx, clock, False)
+        result = optimiser_step(planner, micro, bench.device, bench.autocast, bench.cfg.training.clip_grad_norm,
+                                steps_clock_context(i, len(batches) + 1))
         losses.append(result.loss)
         etas.append(result.eta)
     final = {n: p.detach().float().cpu().clone() for n, p in bench.loaded.peft.named_parameters()

@@ -14,10 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from omegaconf import OmegaConf
 
-from src.main import PLANNER_KNOBS, apply_mode, compose, validate
-from src.model import PLANNERS, LoadedModel, TokenLoss, adapter_graph, build_model, frequent_tokens
+from src.main import SCHEDULERS, apply_mode, compose, validate
+from src.model import LoadedModel, Planner, StepContext, build_model, build_planner
 from src.preprocess import PromptFormat, TrainStream, prepare_hub_access
-from src.train import make_autocast, pick_device
+from src.train import Budget, make_autocast, pick_device
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Bench:
     loaded: LoadedModel
     stream: TrainStream          # the run's training micro-batches, in training order
     initial: dict                # the LoRA weights as built: every planner starts from them
+    planner: Planner | None = None   # the planner set up last (its probe hook is removed before the next one)
 
     def batches(self, steps: int) -> list:
         """The micro-batches of `steps` optimiser steps."""
@@ -51,26 +52,32 @@ def setup(run: str, overrides: list[str]) -> Bench:
     return Bench(cfg, device, make_autocast(device, t.mixed_precision), loaded, stream, initial)
 
 
-def fresh_planner(bench: Bench, kind: str, batches: list, knob_overrides: dict | None = None):
-    """The LoRA weights reset to `bench.initial`, a new TokenLoss and planner of `kind` (GRAFF cold: no warm
-    start), its optimiser, and the probe's sub-vocabulary from `batches` as the loop picks it.
-    Returns (lm, planner, optimizer, params)."""
+def fresh_planner(bench: Bench, kind: str, batches: list, knob_overrides: dict | None = None) -> Planner:
+    """The LoRA weights reset to `bench.initial` and a new planner of `kind` built by training's own
+    build_planner: the run's settings for that planner when it is the run's own, else its defaults, GRAFF cold
+    (no warm start), then `knob_overrides`; the probe's sub-vocabulary from `batches` as the loop picks it."""
     peft, t = bench.loaded.peft, bench.cfg.training
     with torch.no_grad():
         for n, p in peft.named_parameters():
             if n in bench.initial:
                 p.copy_(bench.initial[n])
-    peft.get_base_model().model.layers[0]._forward_hooks.clear()   # the previous TokenLoss's probe hook
-    lm = TokenLoss(peft)
-    params = [p for p in peft.parameters() if p.requires_grad]
-    knobs = OmegaConf.masked_copy(t.scheduler, list(PLANNER_KNOBS[kind]))
-    knobs.update({"warm_start_ckpt": None} if kind == "graff" else {})
-    knobs.update(knob_overrides or {})
-    planner = PLANNERS[kind](knobs, t.optimizer, lm, params, adapter_graph(peft))
-    optimizer = planner.make_optimizer()
-    lm.probe_ids = frequent_tokens([mb for step in batches[:4] for mb in step], t.probe_vocab).to(bench.device) \
-        if planner.uses_probe else None
-    return lm, planner, optimizer, params
+    if bench.planner is not None:
+        bench.planner.token_loss.close()
+    training = OmegaConf.create(OmegaConf.to_container(t))
+    own = OmegaConf.to_container(t.scheduler) if t.scheduler.type == kind else {}
+    training.scheduler = OmegaConf.merge(OmegaConf.structured(SCHEDULERS[kind]), own,
+                                         {"warm_start_ckpt": None} if kind == "graff" else {}, knob_overrides or {})
+    bench.planner = build_planner(peft, training, probe_batches=[mb for step in batches[:4] for mb in step])
+    return bench.planner
+
+
+def steps_clock_context(step: int, total: int) -> StepContext:
+    """The context of step `step` of a budget of `total` steps (a clock that counts steps, not seconds)."""
+    budget = Budget(total, "steps")
+    budget.steps_done = step
+    budget.last = budget.now()
+    return StepContext(step=step, elapsed=budget.last, budget_left=budget.fraction_left(),
+                       progress=budget.progress(), steps_left=budget.steps_left())
 
 
 def write_record(out: str | None, device: torch.device, fields: dict) -> dict:

@@ -20,13 +20,21 @@ weights, the full 151,936-word vocabulary; timing does not depend on the weights
 from __future__ import annotations
 
 import argparse
+import time
 
-from harness import fresh_planner, setup, write_record
+import torch
 
-from src.model import StepContext
-from src.train import BudgetClock, optimiser_step
+from harness import fresh_planner, setup, steps_clock_context, write_record
+
+from src.train import optimiser_step
 
 ALL = ["constant", "cosine", "linear", "wsd", "schedulefree", "salelr", "bats", "reactor", "graff"]
+
+
+def now(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def measure(bench, kinds, steps, warmup, graff_variants):
@@ -34,17 +42,15 @@ def measure(bench, kinds, steps, warmup, graff_variants):
     t = bench.cfg.training
     rows = []
     for kind, label, overrides in [("constant", None, {})] + [(k, k, {}) for k in kinds] + graff_variants:
-        lm, planner, optimizer, params = fresh_planner(bench, kind, batches, overrides)
-        clock = BudgetClock(1e9, bench.device)
+        planner = fresh_planner(bench, kind, batches, overrides)
         total = planner_s = 0.0
         tokens = 0
         for i, micro in enumerate(batches):
-            start = clock.elapsed()
-            ctx = StepContext(step=i, elapsed_s=start, budget_s=1e9, horizon_s=1e9)
-            result = optimiser_step(lm, planner, optimizer, params, micro, bench.device, bench.autocast,
-                                    t.clip_grad_norm, ctx, clock, False)
+            start = now(bench.device)
+            result = optimiser_step(planner, micro, bench.device, bench.autocast, t.clip_grad_norm,
+                                    steps_clock_context(i, len(batches)))
             if i >= warmup:
-                total += clock.elapsed() - start
+                total += now(bench.device) - start
                 planner_s += result.planner_s
                 tokens += result.tokens
         if label is None:   # the device warm-up

@@ -1,23 +1,26 @@
-"""Entry point: compose the configuration, apply the mode, run the Optuna search and/or the training run.
+"""Entry point: compose the configuration, apply the mode, prepare the warm start, run the search and the run.
 
-    uv run python -u -m src.main run=<run_id> results_dir=<path> mode=trial|full [hydra overrides]
+    uv run python -u -m src.main run=<run_id> results_dir=<path> mode=trial|full [key=value ...]
 
 Sections
-  1. The configuration schema (types only; every value lives in config/config.yaml and the run files)
-  2. Method, planner and search-space tables
+  1. The configuration schema: every key with its type, default and meaning, declared once, here
+  2. Methods: the planner of each method token, the ablations' switches, the search's short names
   3. Composing (Hydra) and validating: every mistake is one line naming the problem and the fix
   4. Modes
-  5. Optuna search: a persistent study shared by restarts and workers, then one final run logged to W&B
-  6. The command line
+  5. The warm start: GRAFF's pre-trained planner, produced once and cached when a run needs it
+  6. Optuna search: a persistent study shared by restarts and workers, then one final run logged to W&B
+  7. The command line
 
-Merge order: config/config.yaml < config/runs/<run_id>.yaml < command line.  A run id with a `-seed<N>` suffix
-and no file of its own runs the file without the suffix with `seed=N` (e.g. proposed-iter1-tiny-synthetic-seed1).
-torch is imported only once the configuration is valid, so a mistake is reported in about a second.
+Merge order: the schema's defaults < config/config.yaml < a preset (config/presets/) < config/runs/<run_id>.yaml <
+the command line.  A run id with a `-seed<N>` suffix and no file of its own runs the file without the suffix with
+`seed=N` (e.g. proposed-iter1-tiny-synthetic-seed1).  torch is imported only once the configuration is valid, so a
+mistake is reported in about a second.
 """
 from __future__ import annotations
 
 import difflib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -25,10 +28,11 @@ import re
 import socket
 import sys
 import threading
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
@@ -44,167 +48,249 @@ class ConfigError(Exception):
 # ----------------------------------------------------------------------------------------------------
 # 1. The configuration schema
 # ----------------------------------------------------------------------------------------------------
-# Hydra/OmegaConf check every value against these types when the run file and the command line are merged, and
-# refuse keys that are not declared here.  No defaults here: config/config.yaml holds one for every key.
+# Every key, its type, its default and what it means, once.  The defaults are the seed's experiment (Qwen3-0.6B,
+# LoRA r=64 on GSM8K, a 30-minute budget); config/presets/tiny-synthetic.yaml holds the embedded default's values
+# and the run files hold only what differs.  OmegaConf checks every value against these types when the files and
+# the command line are merged and refuses keys that are not declared.  Value rules a type cannot express are
+# declared with the field (`rule`) or, for the rest of the config, in `validate`.
+def rule(default: Any, ok: Callable[[Any], bool], text: str) -> Any:
+    """A field with its validity rule: `ok(value)` must hold, else the run is refused with `text`."""
+    extra = {"metadata": {"ok": ok, "rule": text}}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), **extra)
+    return field(default=default, **extra)
+
+
+def in_unit(v) -> bool:
+    return 0 <= v < 1
+
+
+def is_range(v) -> bool:
+    return len(v) == 2 and 0 < v[0] <= 1 <= v[1]
+
+
 @dataclass
 class LoraConfig:
-    r: int = MISSING
-    alpha: float = MISSING
-    dropout: float = MISSING
-    target_modules: List[str] = MISSING
-    modules_to_save: List[str] = MISSING        # fully trained modules besides the adapters (embedded runs)
+    r: int = 64
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+    modules_to_save: List[str] = field(default_factory=list)   # fully trained modules besides the adapters
 
 
 @dataclass
-class EmbeddedConfig:                            # architecture of the config-built Qwen3 (model.name=embedded)
-    layers: int = MISSING
-    hidden: int = MISSING
-    heads: int = MISSING
-    kv_heads: int = MISSING
-    head_dim: int = MISSING
-    intermediate: int = MISSING
-    vocab_size: int = MISSING                    # target size of the locally trained BPE tokenizer
-    max_positions: int = MISSING
-    init_seed: int = MISSING
+class EmbeddedConfig:            # the config-built Qwen3 (model.name=embedded); read only then
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    intermediate: int = 512
+    vocab_size: int = 512        # target size of the locally trained BPE tokenizer
+    max_positions: int = 512
+    init_seed: int = 0
 
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING                          # hub id, local folder, or "embedded"
-    dtype: str = MISSING                         # float32 | bfloat16 | float16 (weights)
-    parameter_count: Optional[str] = MISSING     # nominal size ("0.6B"); checked against the loaded model
+    name: str = "Qwen/Qwen3-0.6B"              # hub id, local model folder, or "embedded"
+    dtype: str = "bfloat16"                    # weights: float32 | bfloat16 | float16
+    parameter_count: Optional[str] = "0.6B"    # nominal size; the loaded model must be within 2x of it (null: no check)
     lora: LoraConfig = field(default_factory=LoraConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
 
 
 @dataclass
-class SyntheticConfig:                           # the embedded data set (dataset.name=synthetic)
-    difficulty: int = MISSING                    # arithmetic steps per problem
-    train_size: int = MISSING
-    test_size: int = MISSING
-    seed: int = MISSING
+class SyntheticConfig:           # the embedded data set (dataset.name=synthetic); read only then
+    difficulty: int = 2          # arithmetic steps per problem
+    train_size: int = 20000
+    test_size: int = 200
+    seed: int = 0
 
 
 @dataclass
 class DatasetConfig:
-    name: str = MISSING                          # hub id, local folder of <split>.jsonl, or "synthetic"
-    config_name: Optional[str] = MISSING         # hub configuration ("main" for openai/gsm8k)
-    train_split: str = MISSING
-    eval_split: str = MISSING
-    max_tokens: int = MISSING                    # longest training sequence (prompt + answer); longer rows skipped
-    streaming: bool = MISSING
-    shuffle_buffer: int = MISSING
-    contamination_path: Optional[str] = MISSING  # optional GSM8K-format JSONL (e.g. GSM1k), evaluated at the end
+    name: str = "openai/gsm8k"                 # hub id, local folder of <split>.jsonl, or "synthetic"
+    config_name: Optional[str] = "main"        # hub configuration
+    train_split: str = "train"
+    eval_split: str = "test"                   # the reported split
+    max_tokens: int = 2048                     # longest training sequence (prompt + answer); longer rows skipped
+    streaming: bool = True
+    shuffle_buffer: int = 10000
+    contamination_path: Optional[str] = None   # optional GSM8K-format JSONL (e.g. GSM1k), evaluated after the budget
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class OptimizerConfig:
-    type: str = MISSING                          # adamw (Schedule-Free uses its AdamW variant)
-    lr_init: float = MISSING
-    betas: List[float] = MISSING
-    weight_decay: float = MISSING
+    type: str = "adamw"                        # Schedule-Free brings its own AdamW variant
+    lr_init: float = 2.0e-4                    # η_0: the peak (or only) learning rate every planner starts from
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.01
+
+
+# -- the planners' own settings: one typed group per planner (`training.scheduler`), chosen by the method token ------
+@dataclass
+class ConstantConfig:            # comparative-4: fixed LR
+    type: str = "constant"
 
 
 @dataclass
-class SchedulerConfig:
-    """`type` picks the planner; each planner reads only its own knobs (PLANNER_KNOBS)."""
-    type: str = MISSING
-    warmup_fraction: float = MISSING
-    decay_fraction: float = MISSING
-    min_lr_ratio: float = MISSING
-    warmup_steps: int = MISSING
-    curvature_ema: float = MISSING
-    lr_mult_range: List[float] = MISSING
-    difficulty_ema: float = MISSING
-    difficulty_power: float = MISSING
-    weight_range: List[float] = MISSING
-    controller_lr: float = MISSING
-    baseline_decay: float = MISSING
-    entropy_bonus: float = MISSING
-    init_std: float = MISSING
-    outer_lr: float = MISSING
-    stability_guard: float = MISSING
-    warm_start_ckpt: Optional[str] = MISSING
-    save_ckpt: Optional[str] = MISSING
-    hidden_dim: int = MISSING
-    gnn_rounds: int = MISSING
-    use_edges: bool = MISSING
-    use_budget: bool = MISSING
-    freeze: bool = MISSING
-    jvp_sequences: int = MISSING
+class CosineConfig:              # comparative-5: warmup, then cosine decay over the wall-clock budget
+    type: str = "cosine"
+    warmup_fraction: float = rule(0.05, in_unit, "must be in [0, 1)")
+    min_lr_ratio: float = rule(0.0, lambda v: 0 <= v <= 1, "must be in [0, 1]")
+
+
+@dataclass
+class LinearConfig:              # comparative-6: warmup, then linear decay to 0 at the end of the budget
+    type: str = "linear"
+    warmup_fraction: float = rule(0.05, in_unit, "must be in [0, 1)")
+
+
+@dataclass
+class WSDConfig:                 # comparative-7: warmup-stable-decay on wall-clock time
+    type: str = "wsd"
+    warmup_fraction: float = rule(0.05, in_unit, "must be in [0, 1)")
+    decay_fraction: float = rule(0.2, lambda v: 0 < v <= 1, "must be in (0, 1 − warmup_fraction]")
+    min_lr_ratio: float = rule(0.0, lambda v: 0 <= v <= 1, "must be in [0, 1]")
+
+
+@dataclass
+class ScheduleFreeConfig:        # comparative-8: Schedule-Free AdamW
+    type: str = "schedulefree"
+    warmup_steps: int = rule(20, lambda v: v >= 0, "must be ≥ 0")
+
+
+@dataclass
+class SALeLRConfig:              # comparative-3: η scaled by the inverse of the curvature estimate
+    type: str = "salelr"
+    curvature_ema: float = rule(0.98, in_unit, "must be in [0, 1)")
+    lr_mult_range: List[float] = rule([0.1, 10.0], is_range, "must be [low, high] with 0 < low ≤ 1 ≤ high")
+
+
+@dataclass
+class BATSConfig:                # comparative-2: token weights from difficulty measured after the backward pass
+    type: str = "bats"
+    difficulty_ema: float = rule(0.9, in_unit, "must be in [0, 1)")
+    difficulty_power: float = rule(1.0, lambda v: v >= 0, "must be ≥ 0")
+    weight_range: List[float] = rule([0.25, 4.0], is_range, "must be [low, high] with 0 < low ≤ 1 ≤ high")
+
+
+@dataclass
+class REACTORConfig:             # comparative-1: REINFORCE controller of the LR multiplier
+    type: str = "reactor"
+    controller_lr: float = rule(1.0e-4, lambda v: v > 0, "must be > 0")
+    baseline_decay: float = rule(0.99, in_unit, "must be in [0, 1)")
+    entropy_bonus: float = rule(0.01, lambda v: v >= 0, "must be ≥ 0")
+    lr_mult_range: List[float] = rule([0.1, 10.0], is_range, "must be [low, high] with 0 < low ≤ 1 ≤ high")
+    init_std: float = rule(0.1, lambda v: v > 0, "must be > 0")
+
+
+@dataclass
+class GraffConfig:               # proposed, its ablations and its pre-training (docs/method.md)
+    type: str = "graff"
+    outer_lr: float = rule(1.0e-3, lambda v: v > 0, "must be > 0")            # Adam's lr for W and the encoder
+    stability_guard: float = rule(1.9, lambda v: 0 < v <= 2, "must be in (0, 2] (2 is the edge of stability)")
+    # a planner checkpoint to start from: a path, or a file name that the pre-training run saving it produces
+    warm_start_ckpt: Optional[str] = None
+    pretrain_overrides: List[str] = field(default_factory=list)   # key=value changes to that pre-training run
+    save_ckpt: Optional[str] = None            # the pre-training run saves the planner under this file name
+    hidden_dim: int = rule(16, lambda v: v >= 1, "must be ≥ 1")
+    gnn_rounds: int = rule(2, lambda v: v >= 1, "must be ≥ 1")
+    use_edges: bool = True                     # false: ablation (a), a per-node MLP instead of message passing
+    use_budget: bool = True                    # false: ablation (b), no budget feature
+    freeze: bool = False                       # true: ablation (c), W and the encoder never change
+    curvature_ema: float = rule(0.98, in_unit, "must be in [0, 1)")
+    jvp_sequences: int = rule(8, lambda v: v >= 0, "must be ≥ 0 (0 = no token hypergradient)")
+    lr_mult_range: List[float] = rule([0.1, 10.0], is_range, "must be [low, high] with 0 < low ≤ 1 ≤ high")
+
+
+SCHEDULERS: dict[str, type] = {
+    "constant": ConstantConfig, "cosine": CosineConfig, "linear": LinearConfig, "wsd": WSDConfig,
+    "schedulefree": ScheduleFreeConfig, "salelr": SALeLRConfig, "bats": BATSConfig, "reactor": REACTORConfig,
+    "graff": GraffConfig,
+}
 
 
 @dataclass
 class TrainingConfig:
-    budget_minutes: float = MISSING              # wall-clock budget B, evaluations included
-    global_batch_size: int = MISSING             # must equal micro_batch_size × gradient_accumulation_steps
-    micro_batch_size: int = MISSING
-    gradient_accumulation_steps: int = MISSING
-    total_steps: int = MISSING                   # safety cap on optimiser steps
-    max_epochs: int = MISSING
-    mixed_precision: str = MISSING               # bf16 | fp32
-    gradient_checkpointing: bool = MISSING
-    clip_grad_norm: float = MISSING              # 0 = no clipping
-    device: str = MISSING                        # auto | cpu | cuda
-    probe_vocab: int = MISSING                   # sub-vocabulary of the first-layer entropy probe
-    max_bad_steps: int = MISSING                 # consecutive non-finite steps before the run stops
+    budget_minutes: float = 30.0               # wall-clock budget B, evaluations included
+    budget_steps: Optional[int] = None         # a budget of optimiser steps instead (evaluations then cost nothing)
+    global_batch_size: int = 64                # must equal micro_batch_size × gradient_accumulation_steps
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 8
+    total_steps: int = 2000                    # safety cap on optimiser steps; the budget normally stops first
+    episodes: int = 1                          # >1: run the budget this many times on fresh adapters (pre-training)
+    max_epochs: int = 1000
+    mixed_precision: str = "bf16"              # bf16 | fp32 (autocast dtype of the forward pass)
+    gradient_checkpointing: bool = True
+    clip_grad_norm: float = 1.0                # 0 = no clipping
+    device: str = "auto"                       # auto | cpu | cuda
+    probe_vocab: int = 4096                    # sub-vocabulary of the first-layer entropy probe
+    max_bad_steps: int = 20                    # consecutive non-finite steps before the run stops
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    scheduler: Any = MISSING                   # one of SCHEDULERS, chosen from the run's method token
 
 
 @dataclass
 class EvaluationConfig:
-    interval_steps: int = MISSING                # 0 = only the start, marks and the end
-    metrics: List[str] = MISSING                 # exact_match (strict and flexible are both logged)
-    max_problems: Optional[int] = MISSING        # null = the whole dev split
-    periodic_problems: Optional[int] = MISSING   # fixed random subset for step-0 and periodic evaluations (null: all)
-    batch_size: int = MISSING
-    max_new_tokens: int = MISSING
-    at_start: bool = MISSING                     # evaluate the untrained model at step 0 (counted in the budget)
-    marks_minutes: List[int] = MISSING           # dev EM at these wall-clock marks inside the budget
+    interval_steps: int = 100                  # periodic evaluations every this many steps (0: none)
+    metrics: List[str] = field(default_factory=lambda: ["exact_match"])   # strict and flexible are both logged
+    max_problems: Optional[int] = None         # null: the whole split (GSM8K test: 1,319) at the marks and the end
+    periodic_problems: Optional[int] = 256     # step-0 and periodic evaluations use this fixed random subset
+    batch_size: int = 256
+    max_new_tokens: int = 256
+    at_start: bool = True                      # evaluate the untrained model at step 0 (counted in the budget)
+    marks_minutes: List[int] = field(default_factory=lambda: [30, 60])   # dev EM at these wall-clock marks
 
 
 @dataclass
 class CheckpointingConfig:
-    enabled: bool = MISSING
-    interval_minutes: float = MISSING
+    enabled: bool = True
+    interval_minutes: float = 5.0
 
 
 @dataclass
 class OptunaConfig:
-    n_trials: int = MISSING
-    direction: str = MISSING
+    n_trials: int = 0
+    direction: str = "maximize"
     search_space: Dict[str, Any] = field(default_factory=dict)   # name -> {type, low, high} or {type, choices}
-    storage: Optional[str] = MISSING             # null = sqlite:///<results_dir>/optuna/<run_id>.db
-    study_name: Optional[str] = MISSING          # null = the run id
-    pruner: str = MISSING                        # none | median
-    heartbeat_s: int = MISSING                   # a trial whose worker is silent 4× this long is failed and retried
+    storage: Optional[str] = None              # null: sqlite:///<results_dir>/optuna/<run_id>.db; or a database URL
+    study_name: Optional[str] = None           # null: the run id
+    pruner: str = "none"                       # none | median (pruning on early EM biases a budget comparison)
+    heartbeat_s: int = 30                      # a trial whose worker is silent for 4x this long is failed and retried
 
 
 @dataclass
 class WandbConfig:
-    entity: Optional[str] = MISSING
-    project: str = MISSING
-    mode: str = MISSING                          # online | offline | disabled (set from `mode`)
-    init_timeout_s: float = MISSING              # an online start that takes longer falls back to offline
-    finish_timeout_s: float = MISSING            # an online run waits this long for its upload at the end
+    entity: Optional[str] = MISSING            # in config/config.yaml; WANDB_ENTITY / the command line override it
+    project: str = MISSING                     # in config/config.yaml; WANDB_PROJECT / the command line override it
+    mode: str = "online"                       # online | offline | disabled (set from `mode`)
+    init_timeout_s: float = 60.0               # an online start that takes longer goes on offline
+    finish_timeout_s: float = 120.0            # an online run waits this long for its upload at the end
 
 
 @dataclass
-class TrialConfig:                               # what mode=trial shrinks the run to
-    steps: int = MISSING
-    eval_problems: int = MISSING
+class TrialConfig:               # what mode=trial shrinks a run to
+    steps: int = 2                             # optimiser steps
+    eval_problems: int = 8
+    # a warm-started GRAFF run's pre-training, at trial size (a trial that passes gets past the full run's set-up)
+    pretrain_overrides: List[str] = field(default_factory=lambda: [
+        "model.parameter_count=null", "model.embedded.layers=2", "model.embedded.hidden=64", "model.embedded.heads=2",
+        "model.embedded.kv_heads=1", "model.embedded.head_dim=32", "model.embedded.intermediate=128",
+        "model.lora.r=4", "evaluation.max_problems=8"])
 
 
 @dataclass
 class Config:
-    run: str = MISSING
-    mode: str = MISSING
-    results_dir: str = MISSING
-    run_id: str = MISSING
-    method: str = MISSING
-    seed: int = MISSING
+    run: str = MISSING                         # run id: config/runs/<run>.yaml (a -seed<N> suffix sets the seed)
+    mode: str = MISSING                        # trial | full
+    results_dir: str = "results"
+    run_id: str = MISSING                      # set by the run file; must equal its file name
+    method: str = MISSING                      # proposed | comparative-<k> | ablation-* | pretrain (section 2)
+    seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -216,9 +302,9 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Method, planner and search-space tables
+# 2. Methods
 # ----------------------------------------------------------------------------------------------------
-# The method token of a run id fixes its planner (SPEC §5), so a run id always means the same method.
+# The method token of a run id fixes its planner, so a run id always means the same method.
 METHOD_PLANNER = {
     "proposed": "graff", "comparative-1": "reactor", "comparative-2": "bats", "comparative-3": "salelr",
     "comparative-4": "constant", "comparative-5": "cosine", "comparative-6": "linear", "comparative-7": "wsd",
@@ -228,19 +314,6 @@ METHOD_PLANNER = {
 # What each ablation must switch off (and what the full method must keep on).
 ABLATION_FLAGS = {"ablation-noedges": ("use_edges", False), "ablation-nobudget": ("use_budget", False),
                   "ablation-frozenw": ("freeze", True)}
-# The training.scheduler keys each planner reads.  A run file may set only these (and `type`).
-PLANNER_KNOBS: dict[str, tuple[str, ...]] = {
-    "constant": (),
-    "cosine": ("warmup_fraction", "min_lr_ratio"),
-    "linear": ("warmup_fraction",),
-    "wsd": ("warmup_fraction", "decay_fraction", "min_lr_ratio"),
-    "schedulefree": ("warmup_steps",),
-    "salelr": ("curvature_ema", "lr_mult_range"),
-    "bats": ("difficulty_ema", "difficulty_power", "weight_range"),
-    "reactor": ("controller_lr", "baseline_decay", "entropy_bonus", "lr_mult_range", "init_std"),
-    "graff": ("outer_lr", "stability_guard", "warm_start_ckpt", "save_ckpt", "hidden_dim", "gnn_rounds", "use_edges",
-              "use_budget", "freeze", "curvature_ema", "jvp_sequences", "lr_mult_range"),
-}
 # The seed's short search-space names and the config paths they tune.  Full dotted paths work too.
 SEARCH_ALIASES = {
     "adapter_lr_init": "training.optimizer.lr_init",
@@ -253,6 +326,11 @@ CONDITIONAL = {
     "model.embedded": (lambda c: c.model.name == "embedded", "model.name is not 'embedded'"),
     "dataset.synthetic": (lambda c: c.dataset.name == "synthetic", "dataset.name is not 'synthetic'"),
 }
+
+
+def knobs_of(kind: str) -> list[str]:
+    """The `training.scheduler` keys planner `kind` reads (its config's fields but `type`)."""
+    return [f.name for f in fields(SCHEDULERS[kind]) if f.name != "type"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,9 +362,10 @@ def _leaf_paths(node, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")]
 
 
-def _schema_keys(path: str) -> list[str]:
+def _schema_keys(path: str, kind: str) -> list[str]:
     """Keys the schema declares at a dotted path (for 'did you mean')."""
     node = OmegaConf.structured(Config)
+    node.training.scheduler = OmegaConf.structured(SCHEDULERS.get(kind, ConstantConfig))
     for part in [p for p in path.split(".") if p]:
         node = node[part] if isinstance(node, DictConfig) and part in node else None
         if node is None:
@@ -294,7 +373,7 @@ def _schema_keys(path: str) -> list[str]:
     return list(node.keys()) if isinstance(node, DictConfig) else []
 
 
-def explain_hydra_error(err: Exception, source: str) -> str:
+def explain_hydra_error(err: Exception, source: str, kind: str) -> str:
     """Turn Hydra/OmegaConf's multi-line composition error into one line that names the problem and the fix."""
     text = str(err)
     cause = err.__cause__
@@ -307,9 +386,12 @@ def explain_hydra_error(err: Exception, source: str) -> str:
             found = re.search(r"override '([^']+)'", text) or re.search(r"Key '([^']+)'", text)
             key = found.group(1) if found else "?"
         parent, _, leaf = key.rpartition(".")
-        close = difflib.get_close_matches(leaf, _schema_keys(parent), n=1)
+        if parent == "training.scheduler" and any(leaf in knobs_of(k) for k in SCHEDULERS):
+            return (f"{source}: {key} is set but scheduler '{kind}' does not read it; remove it (scheduler '{kind}' "
+                    f"reads: {', '.join(knobs_of(kind)) or 'only training.optimizer.lr_init'})")
+        close = difflib.get_close_matches(leaf, _schema_keys(parent, kind), n=1)
         hint = f"did you mean {(parent + '.') if parent else ''}{close[0]}?" if close else \
-            "see config/config.yaml for the keys that exist"
+            "see the schema in src/main.py (section 1) for the keys that exist"
         return f"{source}: unknown key '{key}': {hint}"
     conv = re.search(r"Value '(.*?)' (?:of type '(\w+)' )?could not be converted to (\w+)", text)
     if conv:
@@ -335,14 +417,27 @@ def parse_cli(argv: list[str]) -> tuple[str, list[str]]:
     run = [o for o in overrides if o.key_or_group == "run"]
     if not run:
         raise ConfigError(f"command line: run=<run_id> is missing; choose one of {', '.join(available_runs())}")
+    if not any(o.key_or_group == "mode" for o in overrides):
+        raise ConfigError("command line: mode=trial|full is missing; add mode=trial (a quick check) or mode=full")
     return str(run[-1].value()), [a for a in argv if not a.split("=", 1)[0].lstrip("+~") == "run"]
 
 
-def compose(argv: list[str]) -> tuple[DictConfig, set[str]]:
-    """config.yaml < run file < command line, typed and struct.  Also returns the keys the user set explicitly
-    (run file and command line), which validation checks for unused settings."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+def register_schema() -> None:
+    """The schema and one config group option per planner, for Hydra's composition."""
     from hydra.core.config_store import ConfigStore
+    store = ConfigStore.instance()
+    store.store(name="graff_schema", node=Config)
+    for kind, node in SCHEDULERS.items():
+        store.store(group="training/scheduler", name=kind, node=node)
+
+
+def compose(argv: list[str]) -> tuple[DictConfig, set[str]]:
+    """schema < config.yaml < preset < run file < command line, typed and struct.  Also returns the keys the user
+    set explicitly (run file and command line), which validation checks for settings that would do nothing.
+
+    The planner's settings group (`training.scheduler`) is the one of the run's method token (or of the run file's
+    `training.scheduler.type`), so a run file needs no more than `method:` to get its planner's typed defaults."""
+    from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     run, rest = parse_cli(argv)
@@ -356,20 +451,31 @@ def compose(argv: list[str]) -> tuple[DictConfig, set[str]]:
         raise ConfigError(f"{run_file}: must be a mapping of config keys; fix the file")
     run_yaml.pop("defaults", None)   # Hydra's include list (presets), not a config key
     explicit = set(_leaf_paths(run_yaml)) | {a.split("=", 1)[0].lstrip("+~") for a in rest}
-    overrides = [f"+runs@_global_={base_id}", f"run={run}"] + rest
-    ConfigStore.instance().store(name="graff_schema", node=Config)
+    kind = OmegaConf.select(OmegaConf.create(run_yaml), "training.scheduler.type", default=None) \
+        or METHOD_PLANNER.get(str(run_yaml.get("method")), "constant")
+    group = kind if kind in SCHEDULERS else "constant"      # an unknown type is reported by validate()
+    overrides = [f"training/scheduler={group}", f"+runs@_global_={base_id}", f"run={run}"] + rest
+    register_schema()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=overrides)
     except Exception as err:
         source = f"config/runs/{base_id}.yaml" if f"runs/{base_id}" in str(err) else "command line"
-        raise ConfigError(explain_hydra_error(err, source)) from None
+        raise ConfigError(explain_hydra_error(err, source, kind)) from None
     if seed is not None:
         if "seed" in explicit:
             raise ConfigError(f"command line: run id {run} already sets seed={seed}; drop seed=... or the suffix")
         cfg.seed = seed
     cfg.run_id = run if seed is not None else cfg.run_id
+    # The W&B destination: the command line, else WANDB_ENTITY / WANDB_PROJECT, else config/config.yaml.
+    for key, env in (("entity", "WANDB_ENTITY"), ("project", "WANDB_PROJECT")):
+        if f"wandb.{key}" not in explicit and os.environ.get(env):
+            cfg.wandb[key] = os.environ[env]
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        where = "the run file" if missing[0] in ("run_id", "method") else "the command line"
+        raise ConfigError(f"{missing[0]} has no value; set it in {where} (e.g. {missing[0]}=...)")
     return cfg, explicit
 
 
@@ -385,14 +491,25 @@ def resolve_search_path(name: str, cfg: DictConfig) -> str:
         exists = OmegaConf.select(cfg, path, default="__absent__") != "__absent__"
     except Exception:
         exists = False
-    if not exists:
-        raise ConfigError(f"optuna.search_space.{name}: '{path}' is not a config path; use a dotted path from "
-                          f"config/config.yaml or one of the names {', '.join(SEARCH_ALIASES)}")
-    if path.startswith("training.scheduler.") and path.split(".")[-1] not in PLANNER_KNOBS[cfg.training.scheduler.type]:
-        raise ConfigError(f"optuna.search_space.{name}: '{path}' is not read by scheduler "
-                          f"'{cfg.training.scheduler.type}'; search a knob it reads: "
-                          f"{', '.join(PLANNER_KNOBS[cfg.training.scheduler.type]) or '(none)'}")
-    return path
+    if exists:
+        return path
+    kind = cfg.training.scheduler.type
+    if path.startswith("training.scheduler."):
+        raise ConfigError(f"optuna.search_space.{name}: '{path}' is not read by scheduler '{kind}'; search a knob "
+                          f"it reads: {', '.join(knobs_of(kind)) if kind in SCHEDULERS else '(none)'}")
+    raise ConfigError(f"optuna.search_space.{name}: '{path}' is not a config path; use a dotted path from the "
+                      f"schema (src/main.py) or one of the names {', '.join(SEARCH_ALIASES)}")
+
+
+def validate_scheduler(s: DictConfig) -> None:
+    """The planner's settings against the rules declared with its fields (section 1)."""
+    for f in fields(SCHEDULERS[s.type]):
+        if "ok" in f.metadata:
+            value = s[f.name]
+            _check(f.metadata["ok"](value), f"training.scheduler.{f.name}={value}: {f.metadata['rule']}")
+    if s.type == "wsd":
+        _check(s.decay_fraction <= 1 - s.warmup_fraction,
+               f"training.scheduler.decay_fraction={s.decay_fraction}: must be in (0, 1 − warmup_fraction]")
 
 
 def validate(cfg: DictConfig, explicit: set[str]) -> None:
@@ -406,8 +523,8 @@ def validate(cfg: DictConfig, explicit: set[str]) -> None:
     _check(cfg.method in METHOD_PLANNER, f"method={cfg.method} is unknown: use one of {', '.join(METHOD_PLANNER)}")
     _check(cfg.run_id.startswith(cfg.method + "-"),
            f"run id {cfg.run_id} does not start with its method '{cfg.method}'; rename the run or fix `method`")
-    _check(s.type in PLANNER_KNOBS, f"training.scheduler.type={s.type} is not a scheduler: use one of "
-                                    f"{', '.join(PLANNER_KNOBS)}")
+    _check(s.type in SCHEDULERS, f"training.scheduler.type={s.type} is not a scheduler: use one of "
+                                 f"{', '.join(SCHEDULERS)}")
     _check(METHOD_PLANNER[cfg.method] == s.type,
            f"method {cfg.method} uses scheduler '{METHOD_PLANNER[cfg.method]}', not '{s.type}'; fix "
            f"training.scheduler.type or the method")
@@ -417,13 +534,8 @@ def validate(cfg: DictConfig, explicit: set[str]) -> None:
         elif s.type == "graff" and cfg.method in ("proposed", "pretrain"):
             _check(s[flag] != value, f"{cfg.method} runs the full GRAFF: training.scheduler.{flag} must be "
                                      f"{str(not value).lower()} (ablations have their own method token)")
-    # keys set but not used
-    for key in sorted(explicit):
-        if key.startswith("training.scheduler.") and key.count(".") == 2:
-            knob = key.split(".")[-1]
-            if knob != "type" and knob not in PLANNER_KNOBS[s.type]:
-                raise ConfigError(f"{key} is set but scheduler '{s.type}' does not read it; remove it (scheduler "
-                                  f"'{s.type}' reads: {', '.join(PLANNER_KNOBS[s.type]) or 'only optimizer.lr_init'})")
+    validate_scheduler(s)
+    for key in sorted(explicit):                # keys set in a section the run does not read
         for section, (used, why) in CONDITIONAL.items():
             if key.startswith(section + ".") and not used(cfg):
                 raise ConfigError(f"{key} is set but {why}, so it is not used; remove it")
@@ -445,12 +557,18 @@ def validate(cfg: DictConfig, explicit: set[str]) -> None:
                f"JSONL file or null")
     # training
     _check(t.budget_minutes > 0, f"training.budget_minutes={t.budget_minutes} must be > 0 (wall-clock minutes)")
+    _check(t.budget_steps is None or t.budget_steps >= 1,
+           f"training.budget_steps={t.budget_steps} must be ≥ 1 (optimiser steps) or null (a wall-clock budget)")
     _check(t.micro_batch_size >= 1 and t.gradient_accumulation_steps >= 1,
            "training.micro_batch_size and gradient_accumulation_steps must be ≥ 1")
     _check(t.global_batch_size == t.micro_batch_size * t.gradient_accumulation_steps,
            f"training.global_batch_size={t.global_batch_size} but micro_batch_size × gradient_accumulation_steps = "
            f"{t.micro_batch_size * t.gradient_accumulation_steps}; make them agree")
     _check(t.total_steps >= 1 and t.max_epochs >= 1, "training.total_steps and max_epochs must be ≥ 1")
+    _check(t.episodes >= 1, "training.episodes must be ≥ 1")
+    _check(t.episodes == 1 or (t.budget_steps and s.type == "graff"),
+           f"training.episodes={t.episodes}: several episodes pre-train a GRAFF planner on a budget of steps; set "
+           f"training.budget_steps, or episodes=1")
     _check(t.mixed_precision in ("bf16", "fp32"), f"training.mixed_precision={t.mixed_precision}: use bf16 or fp32")
     _check(t.device in ("auto", "cpu", "cuda"), f"training.device={t.device}: use auto, cpu or cuda")
     _check(t.clip_grad_norm >= 0, "training.clip_grad_norm must be ≥ 0 (0 = no clipping)")
@@ -462,7 +580,6 @@ def validate(cfg: DictConfig, explicit: set[str]) -> None:
     _check(len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
            "training.optimizer.betas must be two numbers in [0, 1)")
     _check(opt.weight_decay >= 0, "training.optimizer.weight_decay must be ≥ 0")
-    validate_knobs(s)
     # evaluation, checkpoints, search, tracking
     _check(list(e.metrics) == ["exact_match"], f"evaluation.metrics={list(e.metrics)}: only [exact_match] is "
                                                f"computed (strict and flexible are both logged)")
@@ -492,39 +609,11 @@ def validate(cfg: DictConfig, explicit: set[str]) -> None:
             _check(spec.type != "loguniform" or spec.low > 0, f"optuna.search_space.{name}: loguniform needs low > 0")
     _check(cfg.wandb.mode in ("online", "offline", "disabled"),
            f"wandb.mode={cfg.wandb.mode}: use online, offline or disabled")
+    _check(bool(cfg.wandb.project), "wandb.project is empty: set it in config/config.yaml, WANDB_PROJECT or "
+                                    "wandb.project=...")
     for key in ("init_timeout_s", "finish_timeout_s"):
         _check(cfg.wandb[key] > 0, f"wandb.{key}={cfg.wandb[key]} must be > 0 (seconds)")
     _check(cfg.trial.steps >= 1 and cfg.trial.eval_problems >= 1, "trial.steps and trial.eval_problems must be ≥ 1")
-
-
-def validate_knobs(s: DictConfig) -> None:
-    used = PLANNER_KNOBS[s.type]
-
-    def need(knob: str, ok: bool, rule: str) -> None:
-        if knob in used:
-            _check(ok, f"training.scheduler.{knob}={s[knob]}: {rule}")
-
-    need("warmup_fraction", 0 <= s.warmup_fraction < 1, "must be in [0, 1)")
-    need("decay_fraction", 0 < s.decay_fraction <= 1 - (s.warmup_fraction if "warmup_fraction" in used else 0),
-         "must be in (0, 1 − warmup_fraction]")
-    need("min_lr_ratio", 0 <= s.min_lr_ratio <= 1, "must be in [0, 1]")
-    need("warmup_steps", s.warmup_steps >= 0, "must be ≥ 0")
-    need("curvature_ema", 0 <= s.curvature_ema < 1, "must be in [0, 1)")
-    need("lr_mult_range", len(s.lr_mult_range) == 2 and 0 < s.lr_mult_range[0] <= 1 <= s.lr_mult_range[1],
-         "must be [low, high] with 0 < low ≤ 1 ≤ high")
-    need("difficulty_ema", 0 <= s.difficulty_ema < 1, "must be in [0, 1)")
-    need("difficulty_power", s.difficulty_power >= 0, "must be ≥ 0")
-    need("weight_range", len(s.weight_range) == 2 and 0 < s.weight_range[0] <= 1 <= s.weight_range[1],
-         "must be [low, high] with 0 < low ≤ 1 ≤ high")
-    need("controller_lr", s.controller_lr > 0, "must be > 0")
-    need("baseline_decay", 0 <= s.baseline_decay < 1, "must be in [0, 1)")
-    need("entropy_bonus", s.entropy_bonus >= 0, "must be ≥ 0")
-    need("init_std", s.init_std > 0, "must be > 0")
-    need("outer_lr", s.outer_lr > 0, "must be > 0")
-    need("stability_guard", 0 < s.stability_guard <= 2, "must be in (0, 2] (2 is the edge of stability)")
-    need("hidden_dim", s.hidden_dim >= 1, "must be ≥ 1")
-    need("gnn_rounds", s.gnn_rounds >= 1, "must be ≥ 1")
-    need("jvp_sequences", s.jvp_sequences >= 0, "must be ≥ 0 (0 = no token hypergradient)")
 
 
 def check_results_dir(path: Path) -> None:
@@ -541,9 +630,9 @@ def check_results_dir(path: Path) -> None:
 # 4. Modes
 # ----------------------------------------------------------------------------------------------------
 def apply_mode(cfg: DictConfig, explicit: set[str]) -> None:
-    """Set in code, before any W&B call (SPEC §4).  trial: W&B disabled, no search, one epoch, `trial.steps`
-    optimiser steps, `trial.eval_problems` dev problems, no checkpoints.  full: W&B online (the run falls back to
-    offline by itself without a key or network), unless the command line chose a W&B mode."""
+    """Set in code, before any W&B call.  trial: W&B disabled, no search, one epoch, `trial.steps` optimiser
+    steps, `trial.eval_problems` dev problems, no checkpoints.  full: W&B online (the run falls back to offline by
+    itself without a key or network), unless the command line chose a W&B mode."""
     if cfg.mode == "trial":
         cfg.wandb.mode = "disabled"
         cfg.optuna.n_trials = 0
@@ -557,7 +646,73 @@ def apply_mode(cfg: DictConfig, explicit: set[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Optuna search
+# 5. The warm start: GRAFF's pre-trained planner, produced once and cached when a run needs it
+# ----------------------------------------------------------------------------------------------------
+def pretraining_run(name: str) -> str:
+    """The pre-training run (config/runs/pretrain-*.yaml) that saves a planner checkpoint of this file name."""
+    found = []
+    for path in sorted(RUNS_DIR.glob("pretrain-*.yaml")):
+        saves = OmegaConf.select(OmegaConf.load(path), "training.scheduler.save_ckpt", default=None)
+        if saves == name:
+            found.append(path.stem)
+    if not found:
+        raise ConfigError(f"training.scheduler.warm_start_ckpt={name}: no pre-training run in config/runs/ saves a "
+                          f"file of that name (training.scheduler.save_ckpt); give the path of an existing planner "
+                          f"checkpoint, or null to start cold")
+    return found[0]
+
+
+def prepare_warm_start(cfg: DictConfig) -> dict:
+    """Point a warm-started GRAFF run at its planner checkpoint, producing it first when it does not exist yet.
+
+    `warm_start_ckpt` is either a path (used as it is) or the file name that a pre-training run saves.  That run
+    (with `pretrain_overrides`, and in trial mode at trial size: `trial.pretrain_overrides`, few steps) is composed
+    like any run; its checkpoint lives in .cache/graff/<key>/<name>, the key a digest of everything that shapes
+    the pre-training, so every run that warm-starts from the same pre-training finds it and a changed pre-training
+    gets its own.  The pre-training's time is a one-off shared by those runs: it is not charged to any run's
+    budget B; the run's summary records which checkpoint it used and what producing it cost."""
+    s = cfg.training.scheduler
+    if s.type != "graff" or not s.warm_start_ckpt or cfg.method == "pretrain":
+        return {}
+    name = str(s.warm_start_ckpt)
+    if Path(name).name != name:                 # a path: used as it is (GRAFF refuses it when missing or bad)
+        return {"warm_start/checkpoint": str(Path(name).expanduser())}
+    run = pretraining_run(name)
+    overrides = list(s.pretrain_overrides) + (list(cfg.trial.pretrain_overrides) if cfg.mode == "trial" else [])
+    pre, explicit = compose([f"run={run}", f"mode={cfg.mode}", *overrides])
+    validate(pre, explicit)
+    from src.preprocess import prepare_hub_access
+    prepare_hub_access([pre.model.name, pre.dataset.name])
+    apply_mode(pre, explicit)
+    if cfg.mode == "trial":
+        pre.training.episodes = min(pre.training.episodes, 2)
+    pre.wandb.mode, pre.checkpointing.enabled, pre.optuna.n_trials = "disabled", False, 0
+    from src.model import GRAFF_FORMAT
+    from src.preprocess import CACHE_DIR
+    from src.train import fingerprint, train
+    shaping = json.dumps({"format": GRAFF_FORMAT, "config": fingerprint(pre)}, sort_keys=True, default=str)
+    key = hashlib.sha256(shaping.encode()).hexdigest()[:16]
+    folder = CACHE_DIR / "graff" / key
+    target = folder / name
+    info = {"warm_start/checkpoint": str(target), "warm_start/pretraining_run": run, "warm_start/key": key}
+    if target.is_file():
+        print(f"warm start: {target} (pre-trained by {run}, cached)")
+        return {**info, "warm_start/produced_now": False}
+    print(f"warm start: {name} not found in the cache; pre-training the planner with {run} first (a one-off, shared "
+          f"by every run that warm-starts from it; not charged to any run's budget) -> {target}", flush=True)
+    pre.results_dir = str(folder)
+    pre.training.scheduler.save_ckpt = str(target)
+    start = time.perf_counter()
+    train(pre)
+    seconds = time.perf_counter() - start
+    (folder / "pretraining.json").write_text(json.dumps({"run": run, "overrides": overrides, "seconds": seconds,
+                                                         "config": json.loads(shaping)}, indent=1, default=str))
+    print(f"warm start: pre-training took {seconds:.1f} s; the run now starts from {target}", flush=True)
+    return {**info, "warm_start/produced_now": True, "warm_start/pretraining_s": seconds}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Optuna search
 # ----------------------------------------------------------------------------------------------------
 def storage_url(cfg: DictConfig) -> str:
     if cfg.optuna.storage:
@@ -760,7 +915,7 @@ def _fmt(value) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. The command line
+# 7. The command line
 # ----------------------------------------------------------------------------------------------------
 def run(argv: list[str]) -> int:
     from src.preprocess import route_warnings_to_stdout
@@ -773,12 +928,15 @@ def run(argv: list[str]) -> int:
     from src.preprocess import prepare_hub_access
     prepare_hub_access([cfg.model.name, cfg.dataset.name])
     from src.train import train
+    warm = prepare_warm_start(cfg)
+    if warm:
+        cfg.training.scheduler.warm_start_ckpt = warm["warm_start/checkpoint"]
     search_info = {}
     if cfg.optuna.n_trials > 0:
         cfg, search_info = run_search(cfg, explicit)
         if cfg is None:
             return 0
-    outcome = train(cfg, search_info=search_info)
+    outcome = train(cfg, search_info={**warm, **search_info})
     return 0 if outcome.status in ("finished", "already_finished") else 1
 
 

@@ -1,17 +1,17 @@
 """Models, probes and learning-rate planners.
 
 Sections
-  1. Building models: the embedded tiny Qwen3, hub and local checkpoints, LoRA
-  2. The adapter graph: one node per adapter block, edges within and between layers
-  3. The forward pass: per-token answer losses (chunked LM head) and the first-layer entropy probe
-  4. Shared estimators: per-block dot products and the secant curvature λ̂ along the update
-  5. The planner interface (one for every method: the training loop has no per-method branches)
+  1. The planner contract: StepContext, TokenBatch, Planner, the registry and build_planner (the training loop
+     talks to every method through these; it has no per-method branch)
+  2. Building models: the embedded tiny Qwen3, hub and local checkpoints, LoRA
+  3. The adapter graph: one node per adapter block, edges within and between layers
+  4. The forward pass: per-token answer losses (chunked LM head) and the first-layer entropy probe
+  5. Shared estimators: per-block dot products and the curvature along the update
   6. Time-based schedules and Schedule-Free AdamW
-  7. SALeLR, BATS, REACTOR (baselines defined by this project, SPEC §9)
-  8. GRAFF (the proposed method, SPEC §8)
-  9. Registry: scheduler.type -> planner class, and the knobs each one reads
+  7. SALeLR, BATS, REACTOR (baselines this project defines: docs/method.md)
+  8. GRAFF (the proposed method: docs/method.md)
 
-Notation (SPEC §8): t optimiser step, θ_t trainable (adapter) parameters, g_t = ∇L_t(θ_t), u_t the optimiser's
+Notation (docs/method.md): t optimiser step, θ_t trainable (adapter) parameters, g_t = ∇L_t(θ_t), u_t the optimiser's
 update direction (θ_{t+1} = θ_t − η_t·u_t), η_t the learning rate, b_t = (B − elapsed)/B the budget left,
 λ̂ curvature along the update, h_t the planner's latent node states, W its linear decoder, m_{t,i} token
 multipliers, R_T the compute-normalised regret.
@@ -23,6 +23,7 @@ import json
 import math
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -38,7 +39,7 @@ LORA_TARGETS_HELP = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_pr
 
 
 def quiet_libraries() -> None:
-    """Keep stderr for real errors: the pipeline fails a run on any error text there (SPEC §1).  Libraries'
+    """Keep stderr for real errors: the pipeline fails a run on any error text there.  Libraries'
     deprecation notices are dropped; any other warning is printed as one line on stdout."""
     import transformers
     transformers.logging.set_verbosity_error()
@@ -50,7 +51,135 @@ def quiet_libraries() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Building models
+# 1. The planner contract
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class StepContext:
+    """What the loop tells a planner about optimiser step t.  Budget quantities come from the run's Budget (src/
+    train.py): seconds of wall-clock, or optimiser steps for a budget of steps."""
+    step: int                 # optimiser steps attempted before this one
+    elapsed: float            # budget spent when the step started
+    budget_left: float        # b_t = (B − spent) / B, in [0, 1]
+    progress: float           # fraction of the training horizon (B less the final evaluation's reserve) spent
+    steps_left: float         # optimiser steps the rest of the horizon is expected to hold (≥ 0)
+    loss: float = math.nan    # this step's mean answer-token loss (unweighted)
+    grad_norm: float = math.nan   # before clipping
+    grad_scale: float = 1.0   # factor gradient clipping applied (≤ 1)
+
+
+@dataclass
+class TokenBatch:
+    """One micro-batch as a planner sees it after the forward pass and before backward.  Shapes (n,) over the
+    micro-batch's answer tokens (row-major), except `batch` (the padded tensors, on the device)."""
+    batch: MicroBatch
+    targets: torch.Tensor            # token ids
+    losses: torch.Tensor             # per-token losses, detached
+    position: torch.Tensor           # relative position within the answer, in [0, 1]
+    entropy: torch.Tensor | None     # first-layer probe entropy in [0, 1], when the planner asked for it
+    index: int                       # micro-batch index within the step
+
+
+class Planner:
+    """One interface for every learning-rate planner.  Per optimiser step t the loop calls, in order:
+
+        weigh_tokens(tokens)  once per micro-batch, after its forward and before its backward: token
+                              multipliers (n,) with mean 1 over the micro-batch's answer tokens, or None
+        plan(ctx) -> η_t      after the backward of all micro-batches (raw gradients g_t in .grad), before
+                              clipping and the optimiser step; a planner may run its own optimiser here
+        after_step(ctx)       after the optimiser step (updated θ_{t+1} and still g_t in .grad)
+        on_bad_step()         instead of plan/after_step when the step was skipped (non-finite loss or gradient)
+        on_eval(active)       around every evaluation (Schedule-Free swaps its averaged weights in)
+        log() -> dict         internals for W&B under planner/...
+        start_episode()       a new budget on fresh adapters (pre-training): forget the run, keep what was learned
+        finish(results_dir)   once at the end (GRAFF's pre-training saves the planner)
+
+    `cfg` is the planner's own settings (`training.scheduler`, typed by its config class in src/main.py), `opt_cfg`
+    the optimiser's (`training.optimizer`).  `make_optimizer` builds the model's optimiser (AdamW unless the method
+    is an optimiser, like Schedule-Free).  `activity` counts how often each of the planner's learning paths ran
+    (trial mode checks that every one of them runs)."""
+
+    uses_probe: ClassVar[bool] = False
+    learning_paths: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg, opt_cfg, token_loss: TokenLoss, params: list[nn.Parameter], graph: AdapterGraph,
+                 results_dir: Path | None = None, trial: bool = False):
+        self.cfg, self.opt_cfg, self.token_loss, self.params, self.graph = cfg, opt_cfg, token_loss, params, graph
+        self.results_dir, self.trial = results_dir, trial     # where planner files live; a trial-mode run?
+        self.lr_init = float(opt_cfg.lr_init)
+        self.eta = self.lr_init
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.notes: list[str] = []                            # lines the loop prints once at start
+        self.activity = {path: 0 for path in self.learning_paths}
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr_init, betas=tuple(self.opt_cfg.betas),
+                                           weight_decay=self.opt_cfg.weight_decay)
+        return self.optimizer
+
+    def weigh_tokens(self, tokens: TokenBatch) -> torch.Tensor | None:
+        return None
+
+    def plan(self, ctx: StepContext) -> float:
+        return self.lr_init
+
+    def after_step(self, ctx: StepContext) -> None:
+        pass
+
+    def on_bad_step(self) -> None:
+        pass
+
+    def on_eval(self, active: bool) -> None:
+        pass
+
+    def log(self) -> dict[str, float]:
+        return {}
+
+    def start_episode(self) -> None:
+        pass
+
+    def finish(self, results_dir: Path) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+PLANNERS: dict[str, type[Planner]] = {}     # training.scheduler.type -> planner class (filled by @register)
+
+
+def register(kind: str):
+    def add(cls: type[Planner]) -> type[Planner]:
+        PLANNERS[kind] = cls
+        return cls
+    return add
+
+
+def build_planner(model: nn.Module, training_cfg, results_dir: Path | None = None, trial: bool = False,
+                  probe_batches: Sequence[MicroBatch] = ()) -> Planner:
+    """The planner of `training_cfg.scheduler` on a PEFT model, with its per-token loss, the trainable parameters,
+    the adapter graph and the model's optimiser (`planner.optimizer`).  When the planner reads the first-layer
+    probe, its sub-vocabulary is the `training_cfg.probe_vocab` most frequent answer tokens of `probe_batches`."""
+    token_loss = TokenLoss(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    planner = PLANNERS[training_cfg.scheduler.type](training_cfg.scheduler, training_cfg.optimizer, token_loss,
+                                                    params, adapter_graph(model), results_dir=results_dir,
+                                                    trial=trial)
+    planner.make_optimizer()
+    if planner.uses_probe and probe_batches:
+        token_loss.probe_ids = frequent_tokens(probe_batches, training_cfg.probe_vocab).to(params[0].device)
+    return planner
+
+
+def normalise_weights(w: torch.Tensor) -> torch.Tensor:
+    """Rescale positive token weights to mean 1 (they reweight the loss, never rescale it)."""
+    return w * (w.numel() / w.sum().clamp(min=1e-12))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Building models
 # ----------------------------------------------------------------------------------------------------
 EMBEDDED = "embedded"
 EMBEDDED_VERSION = 1   # bump when the builder changes, so cached embedded models are rebuilt
@@ -126,14 +255,15 @@ def build_model(model_cfg, gradient_checkpointing: bool, device: torch.device) -
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         base = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[model_cfg.dtype], attn_implementation="sdpa",
                                                     **kwargs)
-    except OSError as err:
+    except Exception as err:   # a missing, empty, truncated or foreign model folder: one line, never a traceback
         if not local.exists() and hub_offline():
             raise UserError(f"model '{name}' is not cached in {CACHE_DIR / 'hub'} and the Hugging Face hub is "
                             f"unreachable: run once with network access, or set model.name to a local model folder")
             # no traceback: the chained exception is dropped by the entry point
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UserError(f"could not load model '{name}': {first}; check model.name (a hub id or a local folder)") \
-            from None
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        what = "the local model folder" if local.exists() else "the model"
+        raise UserError(f"could not load {what} '{name}' ({type(err).__name__}: {first}); check model.name (a hub id "
+                        f"or a complete local folder: config.json, tokenizer and weights)") from None
     if tokenizer.pad_token_id is None:   # Mistral has no pad token; padding positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     n_params = sum(p.numel() for p in base.parameters())
@@ -168,7 +298,7 @@ def build_model(model_cfg, gradient_checkpointing: bool, device: torch.device) -
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. The adapter graph
+# 3. The adapter graph
 # ----------------------------------------------------------------------------------------------------
 # Nodes: one per adapter *block*: the attention block (q, k, v, o adapters) and the MLP block (gate, up, down
 # adapters) of every decoder layer, plus one node per fully trained module (modules_to_save: embeddings, LM
@@ -219,7 +349,7 @@ def adapter_graph(model: nn.Module) -> AdapterGraph:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The forward pass
+# 4. The forward pass
 # ----------------------------------------------------------------------------------------------------
 class TokenLoss(nn.Module):
     """Per-token cross-entropy on answer tokens only, and the first-layer entropy probe.
@@ -235,11 +365,25 @@ class TokenLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.probe_ids: torch.Tensor | None = None   # (V_s,) token ids of the entropy probe's sub-vocabulary
         self._layer0_out: torch.Tensor | None = None
-        self.core.model.layers[0].register_forward_hook(self._keep_layer0)
+        self._probing = True
+        self._hook = self.core.model.layers[0].register_forward_hook(self._keep_layer0)
+
+    def close(self) -> None:
+        """Detach the probe's hook from the model (before another TokenLoss is built on the same model)."""
+        self._hook.remove()
 
     def _keep_layer0(self, module, args, output):
-        if self.probe_ids is not None:
+        if self.probe_ids is not None and self._probing:
             self._layer0_out = output[0] if isinstance(output, tuple) else output
+
+    @contextmanager
+    def no_probe(self):
+        """Forward passes inside keep nothing for the probe (evaluation losses, the planner's own passes)."""
+        self._probing = False
+        try:
+            yield
+        finally:
+            self._probing = True
 
     def forward(self, input_ids, attention_mask, answer_mask, checkpoint_head: bool = True):
         """Returns per-token losses (n,) in fp32, n = number of answer tokens, in row-major order."""
@@ -295,7 +439,7 @@ def frequent_tokens(batches: Sequence[MicroBatch], k: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Shared estimators
+# 5. Shared estimators
 # ----------------------------------------------------------------------------------------------------
 def block_dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], owner: torch.Tensor,
                n_blocks: int) -> torch.Tensor:
@@ -426,110 +570,6 @@ def committed_direction(p: nn.Parameter, optimizer, group: dict | None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. The planner interface
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class StepContext:
-    """What the loop tells a planner about the current optimiser step t."""
-    step: int                 # optimiser steps completed before this one
-    elapsed_s: float          # budget clock (includes evaluations)
-    budget_s: float           # B
-    horizon_s: float          # time for training: B minus the reserve for the final evaluation
-    loss: float = math.nan    # this step's mean answer-token loss (unweighted)
-    grad_norm: float = math.nan   # before clipping
-    grad_scale: float = 1.0   # factor gradient clipping applied (≤ 1)
-
-    @property
-    def budget_left(self) -> float:
-        """b_t = (B − elapsed)/B in [0, 1]."""
-        return min(max((self.budget_s - self.elapsed_s) / self.budget_s, 0.0), 1.0)
-
-    @property
-    def progress(self) -> float:
-        """Fraction of the training horizon spent, in [0, 1] (what time-based schedules decay over)."""
-        return min(max(self.elapsed_s / max(self.horizon_s, 1e-9), 0.0), 1.0)
-
-
-@dataclass
-class TokenBatch:
-    """One micro-batch as a planner sees it after the forward pass and before backward.  Shapes (n,) over the
-    micro-batch's answer tokens (row-major), except `batch` (the padded tensors, on the device)."""
-    batch: MicroBatch
-    targets: torch.Tensor            # token ids
-    losses: torch.Tensor             # per-token losses, detached
-    position: torch.Tensor           # relative position within the answer, in [0, 1]
-    entropy: torch.Tensor | None     # first-layer probe entropy in [0, 1], when the planner asked for it
-    index: int                       # micro-batch index within the step
-
-
-class Planner:
-    """One interface for every learning-rate planner.  Per optimiser step t the loop calls, in order:
-
-        weigh_tokens(tokens)  once per micro-batch, after its forward and before its backward: token
-                              multipliers (n,) with mean 1 over the micro-batch's answer tokens, or None
-        plan(ctx) -> η_t      after the backward of all micro-batches (raw gradients g_t in .grad), before
-                              clipping and the optimiser step; a planner may run its own optimiser here
-        after_step(ctx)       after the optimiser step (updated θ_{t+1} and still g_t in .grad)
-        on_bad_step()         instead of plan/after_step when the step was skipped (non-finite loss or gradient)
-        on_eval(active)       around every evaluation (Schedule-Free swaps its averaged weights in)
-        log() -> dict         internals for W&B under planner/...
-        finish(results_dir)   once at the end (GRAFF may save its pre-training checkpoint)
-
-    `make_optimizer` builds the model's optimiser (AdamW unless the method is an optimiser, like Schedule-Free).
-    Subclasses list the `training.scheduler` keys they read in `knobs`; any other key set in a run file is an
-    error, so no run file carries a value that silently does nothing."""
-
-    knobs: ClassVar[tuple[str, ...]] = ()
-    uses_probe: ClassVar[bool] = False
-
-    def __init__(self, knobs, opt_cfg, lm: TokenLoss, params: list[nn.Parameter], graph: AdapterGraph,
-                 results_dir: Path | None = None, trial: bool = False):
-        self.k, self.opt_cfg, self.lm, self.params, self.graph = knobs, opt_cfg, lm, params, graph
-        self.results_dir, self.trial = results_dir, trial     # where planner files live; a trial-mode run?
-        self.lr_init = float(opt_cfg.lr_init)
-        self.eta = self.lr_init
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.notes: list[str] = []                            # lines the loop prints once at start
-
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.lr_init, betas=tuple(self.opt_cfg.betas),
-                                           weight_decay=self.opt_cfg.weight_decay)
-        return self.optimizer
-
-    def weigh_tokens(self, tokens: TokenBatch) -> torch.Tensor | None:
-        return None
-
-    def plan(self, ctx: StepContext) -> float:
-        return self.lr_init
-
-    def after_step(self, ctx: StepContext) -> None:
-        pass
-
-    def on_bad_step(self) -> None:
-        pass
-
-    def on_eval(self, active: bool) -> None:
-        pass
-
-    def log(self) -> dict[str, float]:
-        return {}
-
-    def finish(self, results_dir: Path) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def normalise_weights(w: torch.Tensor) -> torch.Tensor:
-    """Rescale positive token weights to mean 1 (they reweight the loss, never rescale it)."""
-    return w * (w.numel() / w.sum().clamp(min=1e-12))
-
-
-# ----------------------------------------------------------------------------------------------------
 # 6. Time-based schedules and Schedule-Free AdamW
 # ----------------------------------------------------------------------------------------------------
 # transformers' schedulers are functions of the step count; these are functions of elapsed wall-clock time as
@@ -571,51 +611,52 @@ def wsd_multiplier(p: float, warmup: float, decay: float, min_ratio: float) -> f
 MIN_MULTIPLIER = 1e-3
 
 
+@register("constant")
 class ConstantLR(Planner):
     """comparative-4: η_t = lr_init."""
 
 
+@register("cosine")
 class CosineLR(Planner):
     """comparative-5: human-tuned cosine with warmup, decaying over the wall-clock budget."""
-    knobs = ("warmup_fraction", "min_lr_ratio")
 
     def plan(self, ctx):
-        self.eta = self.lr_init * max(cosine_multiplier(ctx.progress, self.k.warmup_fraction, self.k.min_lr_ratio),
+        self.eta = self.lr_init * max(cosine_multiplier(ctx.progress, self.cfg.warmup_fraction, self.cfg.min_lr_ratio),
                                       MIN_MULTIPLIER)
         return self.eta
 
 
+@register("linear")
 class LinearDecayLR(Planner):
     """comparative-6: linear decay to zero at the end of the budget (Li et al. 2020)."""
-    knobs = ("warmup_fraction",)
 
     def plan(self, ctx):
-        self.eta = self.lr_init * max(linear_multiplier(ctx.progress, self.k.warmup_fraction), MIN_MULTIPLIER)
+        self.eta = self.lr_init * max(linear_multiplier(ctx.progress, self.cfg.warmup_fraction), MIN_MULTIPLIER)
         return self.eta
 
 
+@register("wsd")
 class WarmupStableDecayLR(Planner):
     """comparative-7: warmup-stable-decay on wall-clock time (the MiniCPM schedule)."""
-    knobs = ("warmup_fraction", "decay_fraction", "min_lr_ratio")
 
     def plan(self, ctx):
-        mult = wsd_multiplier(ctx.progress, self.k.warmup_fraction, self.k.decay_fraction, self.k.min_lr_ratio)
+        mult = wsd_multiplier(ctx.progress, self.cfg.warmup_fraction, self.cfg.decay_fraction, self.cfg.min_lr_ratio)
         self.eta = self.lr_init * max(mult, MIN_MULTIPLIER)
         return self.eta
 
 
+@register("schedulefree")
 class ScheduleFreeAdamW(Planner):
     """comparative-8: Schedule-Free AdamW (Defazio et al. 2024) from the `schedulefree` package.
 
     The optimiser keeps two weight sequences; training runs at the interpolated point y and evaluation must see
     the averaged x: `optimizer.eval()` before every evaluation and `optimizer.train()` after (and at start)."""
-    knobs = ("warmup_steps",)
 
     def make_optimizer(self):
         import schedulefree
         self.optimizer = schedulefree.AdamWScheduleFree(self.params, lr=self.lr_init, betas=tuple(self.opt_cfg.betas),
                                                         weight_decay=self.opt_cfg.weight_decay,
-                                                        warmup_steps=self.k.warmup_steps)
+                                                        warmup_steps=self.cfg.warmup_steps)
         self.optimizer.train()
         return self.optimizer
 
@@ -638,27 +679,29 @@ def _owner_index(graph: AdapterGraph, params: Sequence[nn.Parameter]) -> tuple[t
     return torch.tensor([where[id(p)] for p in params], dtype=torch.long), graph.n_nodes
 
 
+@register("salelr")
 class SALeLR(Planner):
     """comparative-3: sharpness-aware LR, η_t = lr_init · median(λ̂_≤t) / λ̂_t, clipped to `lr_mult_range`.
 
     In the spirit of SALR (arXiv 2011.05348), which rescales the LR by sharpness relative to its running median;
     as SPEC §9 defines SALeLR, the rescaling is by the *inverse* sharpness (smaller steps where the loss is
     sharper).  λ̂_t is the secant curvature shared with GRAFF (SecantCurvature), smoothed by `curvature_ema`."""
-    knobs = ("curvature_ema", "lr_mult_range")
+    learning_paths = ("curvature",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         owner, n = _owner_index(self.graph, self.params)
-        self.curv = SecantCurvature(self.params, owner, n, self.k.curvature_ema)
+        self.curv = SecantCurvature(self.params, owner, n, self.cfg.curvature_ema)
         self.history: list[float] = []
 
     def plan(self, ctx):
-        self.curv.observe()
+        if self.curv.observe():
+            self.activity["curvature"] += 1
         lam = self.curv.lam_max
         if lam > 0:
             self.history.append(lam)
             reference = float(torch.tensor(self.history).median())
-            lo, hi = self.k.lr_mult_range
+            lo, hi = self.cfg.lr_mult_range
             self.eta = self.lr_init * min(max(reference / lam, lo), hi)
         else:
             self.eta = self.lr_init
@@ -683,6 +726,7 @@ class SALeLR(Planner):
         self.history = list(state["history"])
 
 
+@register("bats")
 class BATS(Planner):
     """comparative-2: token-aware tuning from difficulty measured after the full backward pass.
 
@@ -691,11 +735,11 @@ class BATS(Planner):
     w_i ∝ (D[y_i] / mean D)^`difficulty_power`, clipped to `weight_range` and renormalised to mean 1, so harder
     tokens count more.  Tokens never seen yet get the mean difficulty.  The LR itself is lr_init (the method
     reweights tokens; it does not schedule)."""
-    knobs = ("difficulty_ema", "difficulty_power", "weight_range")
+    learning_paths = ("difficulty",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        vocab = self.lm.core.get_output_embeddings().weight.shape[0]
+        vocab = self.token_loss.core.get_output_embeddings().weight.shape[0]
         device = self.params[0].device
         self.difficulty = torch.zeros(vocab, device=device)     # D[v]
         self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
@@ -708,15 +752,16 @@ class BATS(Planner):
             return None
         mean = self.difficulty[self.seen].mean().clamp(min=1e-6)
         d = torch.where(self.seen[tokens.targets], self.difficulty[tokens.targets], mean)
-        w = (d.clamp(min=1e-6) / mean) ** self.k.difficulty_power
-        lo, hi = self.k.weight_range
+        w = (d.clamp(min=1e-6) / mean) ** self.cfg.difficulty_power
+        lo, hi = self.cfg.weight_range
         w = normalise_weights(normalise_weights(w).clamp(lo, hi))
         self._last_weights = w
         return w
 
     @torch.no_grad()
     def after_step(self, ctx):
-        beta = self.k.difficulty_ema
+        beta = self.cfg.difficulty_ema
+        self.activity["difficulty"] += bool(self._pending)
         for targets, losses in self._pending:
             total = torch.zeros_like(self.difficulty).index_add_(0, targets, losses.float())
             count = torch.zeros_like(self.difficulty).index_add_(0, targets, torch.ones_like(losses, dtype=torch.float))
@@ -744,6 +789,7 @@ class BATS(Planner):
         self.seen.copy_(state["seen"])
 
 
+@register("reactor")
 class REACTOR(Planner):
     """comparative-1: an RL controller of the LR, trained by REINFORCE.
 
@@ -757,8 +803,8 @@ class REACTOR(Planner):
     where β_t is an EMA baseline of the reward (`baseline_decay`) and σ_r an EMA of the reward's spread (the
     advantage is normalised so that the entropy bonus keeps the same relative weight whatever the loss scale).
     The action is clipped to log `lr_mult_range` before use."""
-    knobs = ("controller_lr", "baseline_decay", "entropy_bonus", "lr_mult_range", "init_std")
     uses_probe = True
+    learning_paths = ("policy",)
     N_STATE = 6
 
     def __init__(self, *args, **kwargs):
@@ -766,8 +812,8 @@ class REACTOR(Planner):
         self.policy = nn.Linear(self.N_STATE, 1)
         nn.init.zeros_(self.policy.weight)
         nn.init.zeros_(self.policy.bias)
-        self.log_std = nn.Parameter(torch.tensor(math.log(self.k.init_std)))
-        self.opt = torch.optim.Adam([*self.policy.parameters(), self.log_std], lr=self.k.controller_lr)
+        self.log_std = nn.Parameter(torch.tensor(math.log(self.cfg.init_std)))
+        self.opt = torch.optim.Adam([*self.policy.parameters(), self.log_std], lr=self.cfg.controller_lr)
         self.loss_ema = math.nan
         self.loss0 = math.nan
         self.prev_loss_ema = math.nan
@@ -795,18 +841,19 @@ class REACTOR(Planner):
 
     def reinforce(self, state: torch.Tensor, action: float, reward: float) -> dict:
         """One REINFORCE update for (state, action) with `reward`; returns what it used (for logging/tests)."""
-        decay = self.k.baseline_decay
+        decay = self.cfg.baseline_decay
         if self.n_rewards == 0:
             self.baseline = reward
         advantage = (reward - self.baseline) / math.sqrt(self.reward_var + 1e-12)
         dist = torch.distributions.Normal(self.policy(state).squeeze(), self.log_std.exp())
-        objective = advantage * dist.log_prob(torch.tensor(action)) + self.k.entropy_bonus * dist.entropy()
+        objective = advantage * dist.log_prob(torch.tensor(action)) + self.cfg.entropy_bonus * dist.entropy()
         self.opt.zero_grad()
         (-objective).backward()
         self.opt.step()
         self.reward_var = decay * self.reward_var + (1 - decay) * (reward - self.baseline) ** 2
         self.baseline = decay * self.baseline + (1 - decay) * reward
         self.n_rewards += 1
+        self.activity["policy"] += 1
         return {"reward": reward, "advantage": advantage, "baseline": self.baseline}
 
     def plan(self, ctx):
@@ -818,16 +865,16 @@ class REACTOR(Planner):
         info = {}
         if self.prev is not None:
             state, action, t_prev = self.prev
-            reward = (self.prev_loss_ema - self.loss_ema) / max(ctx.elapsed_s - t_prev, 1e-6)
+            reward = (self.prev_loss_ema - self.loss_ema) / max(ctx.elapsed - t_prev, 1e-6)
             info = self.reinforce(state, action, reward)
         prev_action = self.prev[1] if self.prev is not None else 0.0
         state = self.state_vector(ctx, prev_action)
         with torch.no_grad():
             mean, std = float(self.policy(state)), float(self.log_std.exp())
             action = mean + std * float(torch.randn(()))
-        lo, hi = (math.log(v) for v in self.k.lr_mult_range)
+        lo, hi = (math.log(v) for v in self.cfg.lr_mult_range)
         self.eta = self.lr_init * math.exp(min(max(action, lo), hi))
-        self.prev = (state, action, ctx.elapsed_s)
+        self.prev = (state, action, ctx.elapsed)
         self._token_stats = [0.0, 0.0, 0]
         entropy = 0.5 * math.log(2 * math.pi * math.e * std ** 2)
         self.last = {"multiplier": self.eta / self.lr_init, "policy_mean": mean, "policy_std": std,
@@ -934,6 +981,7 @@ class _Pending:
     n_tokens: int = 1                       # answer tokens in the whole of step t (the loss's denominator)
 
 
+@register("graff")
 class GRAFF(Planner):
     """GRAFF: a graph-recurrent, budget-aware, differentiable LR planner (SPEC §8).
 
@@ -969,17 +1017,16 @@ class GRAFF(Planner):
     * h_t is a plain tensor carried across steps (never a parameter); gradients are truncated at one step
       (h_{t−1} enters the GRU detached).
     """
-    knobs = ("outer_lr", "stability_guard", "warm_start_ckpt", "save_ckpt", "hidden_dim", "gnn_rounds", "use_edges",
-             "use_budget", "freeze", "curvature_ema", "jvp_sequences", "lr_mult_range")
     uses_probe = True
+    learning_paths = ("outer", "token_gradient", "curvature")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.net = GraffNet(self.k.hidden_dim, self.k.gnn_rounds, self.k.use_edges)
-        self.outer = torch.optim.Adam(self.net.parameters(), lr=self.k.outer_lr)
-        self.h = torch.zeros(self.graph.n_nodes, self.k.hidden_dim)     # h_t: state, not a parameter
+        self.net = GraffNet(self.cfg.hidden_dim, self.cfg.gnn_rounds, self.cfg.use_edges)
+        self.outer = torch.optim.Adam(self.net.parameters(), lr=self.cfg.outer_lr)
+        self.h = torch.zeros(self.graph.n_nodes, self.cfg.hidden_dim)     # h_t: state, not a parameter
         owner, n = _owner_index(self.graph, self.params)
-        self.curv = SecantCurvature(self.params, owner, n, self.k.curvature_ema)
+        self.curv = SecantCurvature(self.params, owner, n, self.cfg.curvature_ema)
         self.edges = self.graph.edges
         self.pending: _Pending | None = None
         self.readout_now = GraffNet.readout(self.h)                      # h̄ the next step's m is decoded from
@@ -989,23 +1036,18 @@ class GRAFF(Planner):
         self.last_m: torch.Tensor | None = None
         self.loss_sum, self.n_losses, self.best_loss = 0.0, 0, math.inf
         self.last: dict[str, float] = {}
-        if self.k.warm_start_ckpt:
-            path = resolve_path(self.k.warm_start_ckpt, self.results_dir)
-            if path.is_file() or not self.trial:
-                self.load_planner(path)
-            else:   # a trial checks the code, so it may start cold; a full run refuses (load_planner raises)
-                self.notes.append(f"trial mode: GRAFF warm-start checkpoint {path} not found, starting cold "
-                                  f"(a full run refuses this)")
+        if self.cfg.warm_start_ckpt:
+            self.load_planner(resolve_path(self.cfg.warm_start_ckpt, self.results_dir))
 
     # -- checkpoints of the planner alone (warm start / transfer) --------------------------------------------
     def planner_checkpoint(self) -> dict:
-        return {"format": GRAFF_FORMAT, "hidden_dim": self.k.hidden_dim, "gnn_rounds": self.k.gnn_rounds,
+        return {"format": GRAFF_FORMAT, "hidden_dim": self.cfg.hidden_dim, "gnn_rounds": self.cfg.gnn_rounds,
                 "net": self.net.state_dict(), "outer": self.outer.state_dict(), "n_nodes": self.graph.n_nodes}
 
     def load_planner(self, path: Path) -> None:
         if not path.is_file():
-            raise UserError(f"GRAFF warm-start checkpoint {path} does not exist: run the pre-training run "
-                            f"(pretrain-iter1-…, see README) first, or set training.scheduler.warm_start_ckpt=null")
+            raise UserError(f"GRAFF warm-start checkpoint {path} does not exist: give an existing file, the file "
+                            f"name a pretrain-… run saves (it is then produced), or null to start cold")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
@@ -1014,16 +1056,18 @@ class GRAFF(Planner):
         if not isinstance(state, dict) or state.get("format") != GRAFF_FORMAT:
             raise UserError(f"{path} is not a GRAFF planner checkpoint ({GRAFF_FORMAT}); re-create it with the "
                             f"pre-training run")
-        if (state["hidden_dim"], state["gnn_rounds"]) != (self.k.hidden_dim, self.k.gnn_rounds):
+        if (state["hidden_dim"], state["gnn_rounds"]) != (self.cfg.hidden_dim, self.cfg.gnn_rounds):
             raise UserError(f"{path} holds a planner with hidden_dim={state['hidden_dim']}, gnn_rounds="
-                            f"{state['gnn_rounds']}, but this run asks for hidden_dim={self.k.hidden_dim}, "
-                            f"gnn_rounds={self.k.gnn_rounds}: make training.scheduler match the checkpoint")
+                            f"{state['gnn_rounds']}, but this run asks for hidden_dim={self.cfg.hidden_dim}, "
+                            f"gnn_rounds={self.cfg.gnn_rounds}: make training.scheduler match the checkpoint")
         self.net.load_state_dict(state["net"])
-        self.outer.load_state_dict(state["outer"])
+        self.outer.load_state_dict(state["outer"])     # Adam's moments carry over...
+        for group in self.outer.param_groups:          # ...but the configured outer_lr stays what the run says
+            group["lr"] = self.cfg.outer_lr
 
     def finish(self, results_dir):
-        if self.k.save_ckpt:
-            path = resolve_path(self.k.save_ckpt, results_dir)
+        if self.cfg.save_ckpt:
+            path = resolve_path(self.cfg.save_ckpt, results_dir)
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(self.planner_checkpoint(), path.with_suffix(".tmp"))
             path.with_suffix(".tmp").replace(path)
@@ -1039,8 +1083,8 @@ class GRAFF(Planner):
         phi = self.token_features(tokens)
         with torch.no_grad():
             m = token_multipliers(self.net.W[1:] @ self.readout_now, phi)     # (n,), decoded from h_{t-1}
-        if tokens.index == 0 and self.k.jvp_sequences > 0:   # keep the step's first sequences for the JVP
-            keep = min(self.k.jvp_sequences, tokens.batch.input_ids.shape[0])
+        if tokens.index == 0 and self.cfg.jvp_sequences > 0:   # keep the step's first sequences for the JVP
+            keep = min(self.cfg.jvp_sequences, tokens.batch.input_ids.shape[0])
             self.jvp_batch = tokens.batch.select(slice(0, keep))
             self.jvp_phi = phi[:self.jvp_batch.n_answer_tokens]
         if tokens.entropy is not None:
@@ -1052,6 +1096,7 @@ class GRAFF(Planner):
     # -- after backward of step t (g_t in .grad) ---------------------------------------------------------
     def plan(self, ctx):
         paired = self.curv.observe()                          # λ̂ of the previous update (needs g_t)
+        self.activity["curvature"] += paired
         outer_norm = self.outer_update() if self.pending is not None and paired else 0.0
         self.pending = None
         x = self.node_features(ctx)
@@ -1088,9 +1133,9 @@ class GRAFF(Planner):
     def node_features(self, ctx: StepContext) -> torch.Tensor:
         """x_t (N, 4) from the latest curvature, probe entropy, budget and per-block gradient norms."""
         n = self.graph.n_nodes
-        stability = (self.curv.eta * self.curv.lam_blocks / self.k.stability_guard).clamp(-5, 5)
+        stability = (self.curv.eta * self.curv.lam_blocks / self.cfg.stability_guard).clamp(-5, 5)
         ent = self.entropy_sum / max(self.step_tokens, 1)                # H̄_t, in [0, 1]
-        budget = ctx.budget_left if self.k.use_budget else 0.0
+        budget = ctx.budget_left if self.cfg.use_budget else 0.0
         with torch.no_grad():
             norms = torch.stack([torch.sqrt(sum((p.grad.float() ** 2).sum() for p in group if p.grad is not None)
                                             + torch.zeros((), device=group[0].device)) for group in self.graph.params])
@@ -1104,23 +1149,23 @@ class GRAFF(Planner):
 
     def guarded_eta_row(self, readout: torch.Tensor) -> torch.Tensor:
         """W_0 projected onto {w : lo ≤ log lr_init + w·h̄ ≤ min(hi, log(γ/λ̂_max))}.  In place unless frozen."""
-        lo, hi = (math.log(v) for v in self.k.lr_mult_range)
+        lo, hi = (math.log(v) for v in self.cfg.lr_mult_range)
         if self.curv.lam_max > 0:
-            guard = math.log(self.k.stability_guard / (self.curv.lam_max * self.lr_init)) - 1e-4
+            guard = math.log(self.cfg.stability_guard / (self.curv.lam_max * self.lr_init)) - 1e-4
             hi = min(hi, guard)
             lo = min(lo, hi)    # the guard wins over the safety floor
         with torch.no_grad():
             projected = project_halfspace(self.net.W[0].detach(), readout, lo, hi)
-            if not self.k.freeze:
+            if not self.cfg.freeze:
                 self.net.W[0].copy_(projected)
-        return self.net.W[0] if not self.k.freeze else projected
+        return self.net.W[0] if not self.cfg.freeze else projected
 
     # -- the outer update (hypergradient) -----------------------------------------------------------------
     def outer_update(self) -> float:
         """Adam step on W and the encoder from the one-step hypergradient of L_{t+1} (see class docstring)."""
         p = self.pending
         self.pending = None
-        if self.k.freeze:
+        if self.cfg.freeze:
             return 0.0
         surrogate = -self.curv.b_total * p.eta                       # ∂L_{t+1}/∂η_t = −⟨g_{t+1}, u_t⟩
         if p.batch is not None and p.phi is not None and p.phi.numel():
@@ -1129,6 +1174,7 @@ class GRAFF(Planner):
             surrogate = surrogate + (c * m).sum()
         self.outer.zero_grad()
         surrogate.backward()
+        self.activity["outer"] += 1
         norm = float(torch.sqrt(sum((q.grad ** 2).sum() for q in self.net.parameters() if q.grad is not None)))
         if math.isfinite(norm):
             self.outer.step()
@@ -1136,7 +1182,7 @@ class GRAFF(Planner):
 
     def token_coefficients(self, p: _Pending) -> torch.Tensor:
         """c_i = −η_t ⟨P g_{t+1}, ∇ℓ_{t,i}⟩ / n via one forward-mode JVP over the kept sequences: (n_j,)."""
-        named = [(n, q) for n, q in self.lm.named_parameters() if q.requires_grad]
+        named = [(n, q) for n, q in self.token_loss.named_parameters() if q.requires_grad]
         state = self.optimizer.state if self.optimizer is not None else {}
         beta1, beta2 = self.opt_cfg.betas
         tangents = {}
@@ -1148,7 +1194,8 @@ class GRAFF(Planner):
                 vhat = st["exp_avg_sq"] / (1 - beta2 ** t)
                 g = g * ((1 - beta1) / (1 - beta1 ** t)) / (vhat.sqrt() + 1e-8)
             tangents[name] = g.detach()
-        d = per_token_jvp(self.lm, p.batch, tangents).float().cpu()[: p.phi.shape[0]]
+        d = per_token_jvp(self.token_loss, p.batch, tangents).float().cpu()[: p.phi.shape[0]]
+        self.activity["token_gradient"] += 1
         return -float(p.eta.detach()) * d / p.n_tokens
 
     def track_regret(self, ctx: StepContext) -> None:
@@ -1161,7 +1208,7 @@ class GRAFF(Planner):
             self.n_losses += 1
             self.best_loss = min(self.best_loss, ctx.loss)
         avg = self.loss_sum / max(self.n_losses, 1)
-        self.last_regret = (avg - self.best_loss) / max(ctx.elapsed_s, 1e-9) if self.n_losses else 0.0
+        self.last_regret = (avg - self.best_loss) / max(ctx.elapsed, 1e-9) if self.n_losses else 0.0
 
     def log(self):
         return {**self.last, "regret": getattr(self, "last_regret", 0.0)}
@@ -1212,10 +1259,3 @@ def resolve_path(path: str, results_dir: Path | None) -> Path:
     return p if p.is_absolute() or results_dir is None else Path(results_dir) / p
 
 
-# ----------------------------------------------------------------------------------------------------
-# 9. Registry
-# ----------------------------------------------------------------------------------------------------
-PLANNERS: dict[str, type[Planner]] = {
-    "graff": GRAFF, "reactor": REACTOR, "bats": BATS, "salelr": SALeLR, "constant": ConstantLR,
-    "cosine": CosineLR, "linear": LinearDecayLR, "wsd": WarmupStableDecayLR, "schedulefree": ScheduleFreeAdamW,
-}

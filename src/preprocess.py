@@ -305,6 +305,10 @@ def load_rows(ds_cfg, split: str, streaming: bool):
     try:
         return datasets.load_dataset(path, split=split, streaming=streaming, cache_dir=cache, **kwargs)
     except Exception as err:
+        if path == "json":
+            first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise UserError(f"{kwargs['data_files'][split]}: not a readable GSM8K-format JSONL file ({first}); fix or "
+                            f"replace it (one {{\"question\", \"answer\"}} object per line)") from None
         if path != "json" and hub_offline():
             raise UserError(f"data set '{path}' is not cached in {cache} and the Hugging Face hub is unreachable: "
                             f"run once with network access, or set dataset.name to a local folder of "
@@ -439,6 +443,7 @@ class TrainStream:
         self.skipped_bad = self.skipped_long = 0  # counted and logged (never silently dropped)
         self._iter: Iterator[MicroBatch] | None = None
         self._primed: MicroBatch | None = None
+        self.empty = False
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "served": self.served}
@@ -472,7 +477,20 @@ class TrainStream:
             if batch is not None:
                 self.served += 1
                 return batch
+            if self.served == 0:               # a whole epoch without a usable row: so is every other one
+                return None
             self._iter, self.epoch, self.served = None, self.epoch + 1, 0
+
+    def _read(self, epoch: int) -> Iterator[dict]:
+        """The epoch's rows; a file that breaks mid-way (streaming reads lazily) is one clear error, not a traceback."""
+        try:
+            yield from self._rows(epoch)
+        except UserError:
+            raise
+        except Exception as err:
+            first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise UserError(f"dataset {self.ds_cfg.name} split '{self.ds_cfg.train_split}': a training row cannot be "
+                            f"read ({first}); fix or replace the data") from None
 
     def _rows(self, epoch: int) -> Iterable[dict]:
         rows = load_rows(self.ds_cfg, self.ds_cfg.train_split, streaming=self.ds_cfg.streaming)
@@ -485,7 +503,7 @@ class TrainStream:
     def _epoch_batches(self, epoch: int) -> Iterator[MicroBatch]:
         rng = random.Random(f"{self.seed}-{epoch}")
         pool: list[Problem] = []
-        for row in self._rows(epoch):
+        for row in self._read(epoch):
             checked = validate_row(row)
             if isinstance(checked, str):
                 self.skipped_bad += 1

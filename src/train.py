@@ -1,21 +1,23 @@
-"""The training loop: LoRA fine-tuning under a wall-clock budget, with the LR from a planner.
+"""The training run: LoRA fine-tuning under a budget, with the learning rate from a planner.
 
 Sections
   1. Metric names (shared with evaluate.py, which reads them back from W&B)
-  2. The budget clock
+  2. The budget: B, its clock, the step-time estimate, the final evaluation's reserve, the marks
   3. Tracking: Weights & Biases online, offline, or disabled
   4. Energy and memory
   5. Evaluation: batched greedy generation and exact match
-  6. Checkpoints: resume after a crash
+  6. Checkpoints: resume after a crash, refused across experiments
   7. One optimiser step
-  8. The run: set-up, the loop, the budget check, evaluations, the summary
+  8. The recipe: setup -> train (the loop) -> evaluate / checkpoint -> summarise; train(cfg) runs it
 
 The budget B (`training.budget_minutes`) is wall-clock.  The clock starts when the model, data and planner are
 ready (start-up, imports, model and data loading, and W&B start-up are not counted) and counts every training
 step, every evaluation (including the one at step 0 and the final one), the planner's own work, logging and
 checkpoints.  Training stops at the last step boundary from which one more step plus the final evaluation
 would not fit in B; the final evaluation then ends at about B: "dev EM at B" is the EM of the model as it is
-when B runs out.  On a GPU every clock reading is synchronised.
+when B runs out.  On a GPU every clock reading is synchronised.  With `training.budget_steps` the budget is a
+number of optimiser steps instead (evaluations then cost nothing): the step-matched control and the planner's
+pre-training episodes.
 
 train.py writes no results files: W&B (online, or its offline record under results_dir) is the only store.
 """
@@ -28,6 +30,7 @@ import resource
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +38,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from src.model import (PLANNERS, StepContext, TokenBatch, TokenLoss, adapter_graph, answer_positions, build_model,
-                       frequent_tokens, quiet_libraries)
-from src.preprocess import (PromptFormat, TrainStream, UserError, generation_batches, load_problems, percent,
-                            problem_set_digest, read_jsonl_problems, score_completions)
+from src.model import StepContext, TokenBatch, answer_positions, build_model, build_planner, quiet_libraries
+from src.preprocess import (PromptFormat, TrainStream, UserError, collate, generation_batches, load_problems,
+                            percent, problem_set_digest, read_jsonl_problems, score_completions)
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Metric names
@@ -63,25 +65,6 @@ def em_at_mark(minutes: int) -> str:
     return f"final/em_at_{minutes}min"
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. The budget clock
-# ----------------------------------------------------------------------------------------------------
-class BudgetClock:
-    """Wall-clock seconds spent from the budget; `spent_s` carries time spent before a resume."""
-
-    def __init__(self, budget_s: float, device: torch.device, spent_s: float = 0.0):
-        self.budget_s, self.device, self.spent_s = budget_s, device, spent_s
-        self.t0 = time.perf_counter()
-
-    def elapsed(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)   # CUDA is asynchronous: count the work, not its launch
-        return self.spent_s + time.perf_counter() - self.t0
-
-    def left(self) -> float:
-        return self.budget_s - self.elapsed()
-
-
 def auc_over_budget(points: list[tuple[float, float]], budget_s: float) -> float:
     """(1/B)∫_0^B EM(t) dt, EM linear between evaluations (t = clock time of the evaluated model) and held at its
     last value until B.  Percent."""
@@ -94,6 +77,107 @@ def auc_over_budget(points: list[tuple[float, float]], budget_s: float) -> float
         t_prev, e_prev = t, e
     area += max(budget_s - t_prev, 0.0) * e_prev
     return area / budget_s
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The budget
+# ----------------------------------------------------------------------------------------------------
+class Budget:
+    """B and the questions the loop asks about it.
+
+    Units: seconds of wall-clock (`unit="seconds"`: everything counts, evaluations included) or optimiser steps
+    (`unit="steps"`: each step is one unit, evaluations are free).  It owns the clock (read at step boundaries
+    and around evaluations; synchronised on a GPU), the step-time estimate (an EMA of step durations), the reserve
+    for the final evaluation (the longest evaluation time per problem so far × the final evaluation's problems)
+    and the marks (wall-clock minutes at which the whole dev split is evaluated).
+
+    Stopping rule: a step may start while spent + step estimate + reserve ≤ B (the first step always may), so
+    the final evaluation ends at about B.  Planners see b_t = (B − spent)/B and progress = spent / horizon, with
+    horizon = B − reserve (the time training may use)."""
+
+    def __init__(self, limit: float, unit: str = "seconds", device: torch.device | None = None,
+                 final_problems: int = 0, marks_minutes=(), state: dict | None = None):
+        self.limit, self.unit, self.device = float(limit), unit, device
+        self.final_problems, self.marks_minutes = final_problems, list(marks_minutes)
+        state = state or {}
+        self.spent_before = float(state.get("spent", 0.0))   # spent by earlier processes (a resume)
+        self.eval_rate = float(state.get("eval_rate", 0.0))  # longest evaluation time per problem so far
+        self.marks_done: dict[int, float] = dict(state.get("marks_done", {}))   # mark (min) -> EM there
+        self.step_estimate = 0.0
+        self.steps_done = 0                                  # optimiser steps counted by a step budget
+        self._t0 = time.perf_counter()
+        self.last = self.now()                               # the latest clock reading
+
+    # -- the clock ------------------------------------------------------------------------------------------
+    def now(self) -> float:
+        """Budget spent so far: seconds (synchronised on a GPU: count the work, not its launch) or steps."""
+        if self.unit == "steps":
+            return self.spent_before + self.steps_done
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.spent_before + time.perf_counter() - self._t0
+
+    def end_step(self, started: float) -> float:
+        """After an optimiser step that started at `started`: one clock reading; updates the step estimate."""
+        self.steps_done += 1
+        self.last = self.now()
+        duration = self.last - started
+        self.step_estimate = duration if self.step_estimate == 0 else 0.8 * self.step_estimate + 0.2 * duration
+        return duration
+
+    def record_evaluation(self, duration: float, problems: int) -> None:
+        """An evaluation took `duration`: the final evaluation's reserve grows to its worst rate so far."""
+        if self.unit == "seconds" and problems:
+            self.eval_rate = max(self.eval_rate, duration / problems)
+        self.last = self.now()
+
+    # -- the questions the loop asks ---------------------------------------------------------------------------
+    @property
+    def reserve(self) -> float:
+        return self.eval_rate * self.final_problems if self.unit == "seconds" else 0.0
+
+    @property
+    def horizon(self) -> float:
+        """What training may use: B less the final evaluation's reserve."""
+        return max(self.limit - self.reserve, 1e-9)
+
+    def can_step(self) -> bool:
+        """Whether one more step and the final evaluation still fit in B (the first step always may)."""
+        return self.steps_done == 0 or self.last + self.step_estimate + self.reserve <= self.limit
+
+    def fraction_left(self, spent: float | None = None) -> float:
+        """b_t = (B − spent)/B in [0, 1]."""
+        spent = self.last if spent is None else spent
+        return min(max((self.limit - spent) / self.limit, 0.0), 1.0)
+
+    def progress(self, spent: float | None = None) -> float:
+        """Fraction of the training horizon spent, in [0, 1] (what time-based schedules decay over)."""
+        spent = self.last if spent is None else spent
+        return min(max(spent / self.horizon, 0.0), 1.0)
+
+    def steps_left(self, spent: float | None = None) -> float:
+        """Optimiser steps the rest of the horizon is expected to hold."""
+        spent = self.last if spent is None else spent
+        per_step = 1.0 if self.unit == "steps" else self.step_estimate
+        return max(self.horizon - spent, 0.0) / per_step if per_step > 0 else 0.0
+
+    def mark_due(self) -> int | None:
+        """A wall-clock mark inside B whose evaluation must start now to end by it, or None."""
+        if self.unit != "seconds":
+            return None
+        for mark in self.marks_minutes:
+            if mark not in self.marks_done and 60 * mark < self.limit and \
+                    self.last + self.step_estimate + self.reserve >= 60 * mark:
+                return mark
+        return None
+
+    def periodic_fits(self, problems: int) -> bool:
+        """Whether a periodic evaluation of `problems` still leaves room for a step and the final evaluation."""
+        cost = self.eval_rate * problems if self.unit == "seconds" else 0.0
+        return self.last + cost + self.step_estimate + self.reserve <= self.limit
+
+    def state_dict(self) -> dict:
+        return {"spent": self.last, "eval_rate": self.eval_rate, "marks_done": dict(self.marks_done)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,6 +354,7 @@ class EvalResult:
     strict: list[bool]
     flexible: list[bool]
     duration_s: float
+    loss: float = math.nan          # teacher-forced mean answer-token loss (final evaluation only)
 
     @property
     def em(self) -> float:
@@ -280,38 +365,71 @@ class EvalResult:
         return percent(self.flexible)
 
 
-@torch.no_grad()
-def evaluate(peft_model, tokenizer, batches, problems, planner, max_new_tokens: int, autocast,
-             clock: BudgetClock) -> EvalResult:
-    """Greedy completions for every problem, in length-sorted batches (least padding), scored strict and flexible.
-
-    Generation stops at the end-of-sequence token or `max_new_tokens`.  Its time is spent from the budget."""
-    from transformers import GenerationConfig
-    start = clock.elapsed()
+@contextmanager
+def evaluation_mode(model, planner):
+    """The model in eval mode (no dropout) and the planner told (Schedule-Free swaps its averaged weights in)."""
     planner.on_eval(True)
-    peft_model.eval()
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
+        planner.on_eval(False)
+
+
+@torch.no_grad()
+def generate_and_score(peft_model, tokenizer, batches, problems, max_new_tokens: int, autocast) -> tuple[list, list]:
+    """Greedy completions for every problem, in length-sorted batches (least padding), scored strict and flexible.
+    Generation stops at the end-of-sequence token or `max_new_tokens`."""
+    from transformers import GenerationConfig
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, use_cache=True)
     completions = [""] * len(problems)
     device = next(peft_model.parameters()).device
-    try:
-        for positions, ids, attn in batches:
-            with autocast():
-                out = peft_model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                          generation_config=gen)
-            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-            for pos, text in zip(positions, texts):
-                completions[pos] = text
-    finally:
-        peft_model.train()
-        planner.on_eval(False)
-    strict, flexible = score_completions(completions, problems)
-    return EvalResult(strict, flexible, clock.elapsed() - start)
+    for positions, ids, attn in batches:
+        with autocast():
+            out = peft_model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen)
+        texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        for pos, text in zip(positions, texts):
+            completions[pos] = text
+    return score_completions(completions, problems)
+
+
+@torch.no_grad()
+def mean_answer_loss(token_loss, batches, autocast) -> float:
+    """Teacher-forced mean loss over the answer tokens of `batches` (the loss at B, a lower-variance metric)."""
+    total, count = 0.0, 0
+    for mb in batches:
+        mb = mb.to(next(token_loss.parameters()).device)
+        with autocast(), token_loss.no_probe():
+            losses = token_loss(mb.input_ids, mb.attention_mask, mb.answer_mask, checkpoint_head=False)
+        total += float(losses.double().sum())
+        count += losses.numel()
+    return total / max(count, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
 # 6. Checkpoints
 # ----------------------------------------------------------------------------------------------------
+# Keys that do not change what a run trains or how it is measured: a resume may differ in these.
+NOT_SHAPING = ("run", "mode", "results_dir", "wandb", "optuna", "checkpointing", "trial")
+
+
+def fingerprint(cfg) -> dict[str, object]:
+    """The configuration that shapes training, flattened: a checkpoint from another experiment is refused."""
+    flat: dict[str, object] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix.rstrip(".")] = node
+
+    walk({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_SHAPING}, "")
+    return flat
+
+
 def checkpoint_path(results_dir: Path, run_id: str) -> Path:
     return results_dir / run_id / "checkpoint.pt"
 
@@ -322,6 +440,27 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
+
+
+def load_checkpoint(path: Path, cfg) -> dict | None:
+    """The run's checkpoint, or None.  Refused with one line when unreadable or made by another configuration."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        assert isinstance(state, dict) and "finished" in state
+    except Exception:
+        raise UserError(f"checkpoint {path} is unreadable (truncated or corrupted): delete it to start the run over")
+    saved = state.get("fingerprint")
+    if saved is not None:
+        now = fingerprint(cfg)
+        differ = sorted(k for k in set(saved) | set(now) if saved.get(k, "<absent>") != now.get(k, "<absent>"))
+        if differ:
+            shown = ", ".join(f"{k} ({saved.get(k, '<absent>')} -> {now.get(k, '<absent>')})" for k in differ[:4])
+            more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+            raise UserError(f"checkpoint {path} belongs to another configuration ({shown}{more}): use another "
+                            f"results_dir, or delete the checkpoint to start this run over")
+    return state
 
 
 def rng_state() -> dict:
@@ -370,27 +509,19 @@ class Stopwatch:
         self.total += self._now() - self._t0
 
 
-def fault_steps() -> set[int]:
-    """Steps whose loss is replaced by NaN (GRAFF_FAULT_NAN_STEPS="5,6"): fault injection for tests."""
-    text = os.environ.get("GRAFF_FAULT_NAN_STEPS", "")
-    return {int(s) for s in text.split(",") if s.strip()}
-
-
-def optimiser_step(lm: TokenLoss, planner, optimizer, params, micro_batches, device, autocast, clip: float,
-                   ctx: StepContext, clock: BudgetClock, inject_nan: bool) -> StepResult:
+def optimiser_step(planner, micro_batches, device, autocast, clip: float, ctx: StepContext) -> StepResult:
     """Forward/backward every micro-batch (one backward each), ask the planner for η_t, clip, step."""
+    token_loss, optimizer, params = planner.token_loss, planner.optimizer, planner.params
     n_total = sum(mb.n_answer_tokens for mb in micro_batches)      # the loss is the mean over the whole step
     loss_sum = torch.zeros((), device=device)
     watch = Stopwatch(device)
     for index, raw in enumerate(micro_batches):
         mb = raw.to(device)
         with autocast():
-            losses = lm(mb.input_ids, mb.attention_mask, mb.answer_mask)          # (n,) fp32
-        if inject_nan:
-            losses = losses * float("nan")
+            losses = token_loss(mb.input_ids, mb.attention_mask, mb.answer_mask)    # (n,) fp32
         with watch:   # the probe and the token weights are the planner's cost
             tokens = TokenBatch(mb, mb.input_ids[:, 1:][mb.answer_mask[:, 1:]], losses.detach(),
-                                answer_positions(mb.answer_mask), lm.probe_entropy(mb.answer_mask), index)
+                                answer_positions(mb.answer_mask), token_loss.probe_entropy(mb.answer_mask), index)
             weights = planner.weigh_tokens(tokens)                                  # m_{t,i} or None
         weighted = (losses * weights).sum() if weights is not None else losses.sum()
         (weighted / n_total).backward()
@@ -403,7 +534,7 @@ def optimiser_step(lm: TokenLoss, planner, optimizer, params, micro_batches, dev
         optimizer.zero_grad(set_to_none=True)
         planner.on_bad_step()
         return StepResult(False, loss, grad_norm, math.nan, n_tokens)
-    ctx.loss, ctx.grad_norm, ctx.elapsed_s = loss, grad_norm, clock.elapsed()
+    ctx.loss, ctx.grad_norm = loss, grad_norm
     with watch:
         eta = planner.plan(ctx)                                                     # η_t (may update the planner)
     if not (math.isfinite(eta) and eta > 0):
@@ -420,21 +551,6 @@ def optimiser_step(lm: TokenLoss, planner, optimizer, params, micro_batches, dev
     return StepResult(True, loss, grad_norm, eta, n_tokens, watch.total)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 8. The run
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class RunOutcome:
-    final_em: float                 # strict dev EM (percent) at the budget
-    steps: int
-    status: str                     # finished | already_finished | stopped_nonfinite
-    history: list[tuple[int, float, float]] = field(default_factory=list)   # (step, model time, EM)
-
-
-class NonFiniteTraining(UserError):
-    """Persistent non-finite losses: the run stops with a clear message."""
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -449,235 +565,319 @@ def make_autocast(device: torch.device, mixed_precision: str):
     return lambda: torch.autocast(device_type=device.type, enabled=False)
 
 
-def train(cfg, on_evaluation=None, search_info: dict | None = None) -> RunOutcome:
-    """One full training run as configured.  `on_evaluation(step, model_time_s, em)` is called after every
-    evaluation (Optuna uses it to prune); it may raise to stop the run.  `search_info` (the Optuna study behind
-    this run's values) goes into the W&B summary."""
-    quiet_libraries()
-    results_dir = Path(cfg.results_dir)
-    t_cfg, e_cfg = cfg.training, cfg.evaluation
-    ckpt_path = checkpoint_path(results_dir, cfg.run_id)
-    resume = torch.load(ckpt_path, map_location="cpu", weights_only=False) \
-        if cfg.checkpointing.enabled and ckpt_path.is_file() else None
-    if resume is not None and resume["finished"]:
-        print(f"{cfg.run_id}: already finished (checkpoint {ckpt_path}); delete it to train again")
-        return RunOutcome(resume["final_em"], resume["step"], "already_finished")
+def speed_probe(device: torch.device) -> float:
+    """Seconds of a short fixed compute workload (matrix products), run before the budget starts: recorded with
+    every run so that a slower machine (or a busy one) is visible next to its results."""
+    size, reps = (2048, 20) if device.type == "cuda" else (384, 20)
+    a = torch.randn(size, size, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    start = time.perf_counter()
+    for _ in range(reps):
+        a = torch.tanh(a @ a / size)
+    float(a.sum())
+    return time.perf_counter() - start
 
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(t_cfg.device)
-    autocast = make_autocast(device, t_cfg.mixed_precision)
 
-    # -- model, data, planner --------------------------------------------------------------------------
-    loaded = build_model(cfg.model, t_cfg.gradient_checkpointing, device)
-    print(f"model: {loaded.source} | {loaded.n_params / 1e6:,.1f} M parameters, {loaded.n_trainable / 1e6:,.2f} M "
-          f"trainable (LoRA r={cfg.model.lora.r}) | device {device}")
-    lm = TokenLoss(loaded.peft)
-    fmt = PromptFormat(loaded.tokenizer)
-    stream = TrainStream(cfg.dataset, fmt, t_cfg.micro_batch_size, cfg.dataset.max_tokens, cfg.seed,
-                         t_cfg.max_epochs)
-    dev = load_problems(cfg.dataset, cfg.dataset.eval_split, e_cfg.max_problems)
-    contamination = read_jsonl_problems(Path(cfg.dataset.contamination_path), "dataset.contamination_path") \
-        if cfg.dataset.contamination_path else None
-    dev_batches = generation_batches(fmt, dev, e_cfg.batch_size, cfg.dataset.max_tokens)
-    # Periodic evaluations (and the one at step 0) may use a fixed random subset, to spend less of the budget on
-    # evaluation; the evaluations at the marks and at the end always use the whole dev split.
-    subset = sorted(random.Random(0).sample(range(len(dev)), e_cfg.periodic_problems)) \
-        if e_cfg.periodic_problems and e_cfg.periodic_problems < len(dev) else list(range(len(dev)))
-    periodic_dev = [dev[i] for i in subset]
-    periodic_batches = generation_batches(fmt, periodic_dev, e_cfg.batch_size, cfg.dataset.max_tokens) \
-        if len(subset) < len(dev) else dev_batches
-    contam_batches = generation_batches(fmt, contamination, e_cfg.batch_size, cfg.dataset.max_tokens) \
-        if contamination else None
-    params = [p for p in loaded.peft.parameters() if p.requires_grad]
-    graph = adapter_graph(loaded.peft)
-    sched = cfg.training.scheduler
-    planner_cls = PLANNERS[sched.type]
-    knobs = OmegaConf.masked_copy(sched, list(planner_cls.knobs)) if planner_cls.knobs else OmegaConf.create({})
-    planner = planner_cls(knobs, t_cfg.optimizer, lm, params, graph, results_dir=results_dir,
-                          trial=cfg.mode == "trial")
-    for note in planner.notes:
-        print(note)
-    optimizer = planner.make_optimizer()
-    if planner.uses_probe:
-        sample = TrainStream(cfg.dataset, fmt, t_cfg.micro_batch_size, cfg.dataset.max_tokens, cfg.seed, 1)
-        first = [b for b in (sample.next() for _ in range(16)) if b is not None]
-        lm.probe_ids = frequent_tokens(first, t_cfg.probe_vocab).to(device)
-    print(f"data: {cfg.dataset.name} | dev {len(dev)} problems"
-          + (f" | contamination set {len(contamination)}" if contamination else "")
-          + f" | planner {sched.type} | nodes {graph.n_nodes}")
+# ----------------------------------------------------------------------------------------------------
+# 8. The recipe
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class RunOutcome:
+    final_em: float                 # strict EM (percent) at the budget, on the evaluated split
+    steps: int
+    status: str                     # finished | already_finished | stopped_nonfinite
+    history: list[tuple[int, float, float]] = field(default_factory=list)   # (step, model time, EM)
+    activity: dict[str, int] = field(default_factory=dict)                   # the planner's learning paths run
 
-    # -- resume ------------------------------------------------------------------------------------------
-    step, skipped, consecutive_bad = 0, 0, 0
-    eval_points: list[tuple[int, float, float]] = []      # (step, model time, strict EM)
-    marks_done: dict[int, float] = {}
-    spent = 0.0
-    if resume is not None:
+
+class NonFiniteTraining(UserError):
+    """Persistent non-finite losses: the run stops with a clear message."""
+
+
+class Recipe:
+    """One run, in the order it happens: `setup` (model, data, planner, resume, tracking), `train` (the loop),
+    `evaluate`, `checkpoint`, `summarise`.  `state_dict` is everything a resume needs.
+
+    `on_evaluation(step, model_time, em)` is called after every evaluation (Optuna prunes with it; it may raise);
+    `search_info` (the study behind this run's values) goes into the W&B summary."""
+
+    def __init__(self, cfg, on_evaluation=None, search_info: dict | None = None):
+        self.cfg, self.on_evaluation, self.search_info = cfg, on_evaluation, search_info or {}
+        self.t, self.e = cfg.training, cfg.evaluation
+        self.results_dir = Path(cfg.results_dir)
+        self.ckpt_path = checkpoint_path(self.results_dir, cfg.run_id)
+        self.step = self.skipped = self.bad_in_a_row = self.episode = 0
+        self.eval_points: list[tuple[int, float, float]] = []     # (step, model time, strict EM)
+        self.planner_s = self.train_s = 0.0                       # the planner's time, the steps' time
+        self.evals_enabled = cfg.mode == "full"
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    def setup(self) -> dict | None:
+        """Build everything; returns the checkpoint when the run already finished (then nothing is built)."""
+        cfg, t, e = self.cfg, self.t, self.e
+        quiet_libraries()
+        resume = load_checkpoint(self.ckpt_path, cfg) if cfg.checkpointing.enabled else None
+        if resume is not None and resume["finished"]:
+            return resume
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.device = pick_device(t.device)
+        self.autocast = make_autocast(self.device, t.mixed_precision)
+        loaded = build_model(cfg.model, t.gradient_checkpointing, self.device)
+        self.model, self.tokenizer = loaded.peft, loaded.tokenizer
+        print(f"model: {loaded.source} | {loaded.n_params / 1e6:,.1f} M parameters, {loaded.n_trainable / 1e6:,.2f} "
+              f"M trainable (LoRA r={cfg.model.lora.r}) | device {self.device}")
+        fmt = PromptFormat(loaded.tokenizer)
+        self.stream = TrainStream(cfg.dataset, fmt, t.micro_batch_size, cfg.dataset.max_tokens, cfg.seed, t.max_epochs)
+        self.dev = load_problems(cfg.dataset, cfg.dataset.eval_split, e.max_problems)
+        self.contamination = read_jsonl_problems(Path(cfg.dataset.contamination_path), "dataset.contamination_path") \
+            if cfg.dataset.contamination_path else None
+        self.dev_batches = generation_batches(fmt, self.dev, e.batch_size, cfg.dataset.max_tokens)
+        examples = fmt.encode_examples(self.dev)
+        self.loss_batches = [collate(examples[i:i + t.micro_batch_size], fmt.tokenizer.pad_token_id)
+                             for i in range(0, len(examples), t.micro_batch_size)]
+        # Periodic evaluations (and the one at step 0) may use a fixed random subset, to spend less of the budget
+        # on evaluation; the evaluations at the marks and at the end always use the whole dev split.
+        subset = sorted(random.Random(0).sample(range(len(self.dev)), e.periodic_problems)) \
+            if e.periodic_problems and e.periodic_problems < len(self.dev) else list(range(len(self.dev)))
+        self.periodic_dev = [self.dev[i] for i in subset]
+        self.periodic_batches = generation_batches(fmt, self.periodic_dev, e.batch_size, cfg.dataset.max_tokens) \
+            if len(subset) < len(self.dev) else self.dev_batches
+        self.contam_batches = generation_batches(fmt, self.contamination, e.batch_size, cfg.dataset.max_tokens) \
+            if self.contamination else None
+        probe_sample = TrainStream(cfg.dataset, fmt, t.micro_batch_size, cfg.dataset.max_tokens, cfg.seed, 1)
+        first = [b for b in (probe_sample.next() for _ in range(16)) if b is not None]
+        self.planner = build_planner(self.model, t, results_dir=self.results_dir, trial=cfg.mode == "trial",
+                                     probe_batches=first)
+        self.initial_params = [p.detach().clone() for p in self.planner.params]   # each episode starts here
+        for note in self.planner.notes:
+            print(note)
+        print(f"data: {cfg.dataset.name} | dev {len(self.dev)} problems"
+              + (f" | contamination set {len(self.contamination)}" if self.contamination else "")
+              + f" | planner {t.scheduler.type} | nodes {self.planner.graph.n_nodes}")
+        if resume is not None:
+            self.load_state_dict(resume)
+            print(f"resuming {cfg.run_id} at step {self.step} with {resume['budget']['spent']:.1f} "
+                  f"{'s' if t.budget_steps is None else 'steps'} of the budget already spent")
+        self.stream.prime()
+        if self.stream.empty:
+            raise UserError(f"dataset {cfg.dataset.name} split '{cfg.dataset.train_split}' has no usable training row "
+                            f"({self.stream.skipped_bad} malformed, {self.stream.skipped_long} longer than "
+                            f"dataset.max_tokens={cfg.dataset.max_tokens}); fix the data or raise max_tokens")
+        self.tracker = Tracker(cfg, self.results_dir)
+        self.tracker.start(OmegaConf.to_container(cfg, resolve=True), history=(resume or {}).get("history"))
+        self.energy = EnergyMeter(self.device)
+        probe_s = speed_probe(self.device)
+        self.tracker.summary({"model/parameters": loaded.n_params, "model/trainable_parameters": loaded.n_trainable,
+                              "budget/minutes": float(t.budget_minutes), "eval/n_problems": len(self.dev),
+                              "budget/unit": "steps" if t.budget_steps else "minutes",
+                              "budget/steps": t.budget_steps, "machine/speed_probe_s": probe_s,
+                              PROBLEM_DIGEST: problem_set_digest(self.dev), "data/device": str(self.device),
+                              **self.search_info})
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.energy.source == "none":
+            self.tracker.summary({"energy/available": False})
+        limit, unit = (t.budget_steps, "steps") if t.budget_steps else (60.0 * t.budget_minutes, "seconds")
+        self.budget = Budget(limit, unit, self.device, len(self.dev), e.marks_minutes, (resume or {}).get("budget"))
+        self.last_ckpt = self.budget.last
+        return None
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def train(self) -> RunOutcome:
+        """Optimiser steps until the budget, the step cap or the data runs out; then the final evaluation.
+        With `training.episodes` > 1 (the planner's pre-training) the budget is run through that many times, each
+        time from fresh adapters and optimiser state, while the planner keeps what it learned."""
+        if self.step == 0 and self.evals_enabled and self.e.at_start:
+            self.evaluate("start")
+        while True:
+            outcome = self.train_episode()
+            if outcome is not None:
+                return outcome
+            if self.episode + 1 >= self.t.episodes:
+                break
+            self.start_episode(self.episode + 1)
+        final = self.evaluate("final")
+        return self.summarise(final)
+
+    def train_episode(self) -> RunOutcome | None:
+        """The loop of one budget.  Returns a RunOutcome only when the run stops early (non-finite losses)."""
+        t, budget = self.t, self.budget
+        first = self.step
+        while self.step - first < t.total_steps and budget.can_step():
+            micro = [self.stream.next() for _ in range(t.gradient_accumulation_steps)]
+            if any(mb is None for mb in micro):                     # max_epochs reached
+                break
+            started = budget.last
+            ctx = StepContext(step=self.step, elapsed=started, budget_left=budget.fraction_left(),
+                              progress=budget.progress(), steps_left=budget.steps_left())
+            result = optimiser_step(self.planner, micro, self.device, self.autocast, t.clip_grad_norm, ctx)
+            duration = budget.end_step(started)
+            self.step += 1
+            self.log_step(result, duration)
+            if self.bad_in_a_row >= t.max_bad_steps:
+                self.stop_nonfinite()
+            if self.evals_enabled:
+                mark = budget.mark_due()
+                if mark is not None:
+                    budget.marks_done[mark] = self.evaluate(f"{mark} min mark").em
+                elif self.e.interval_steps > 0 and self.step % self.e.interval_steps == 0 and \
+                        budget.periodic_fits(len(self.periodic_dev)):
+                    self.evaluate("periodic")
+            if self.cfg.checkpointing.enabled and \
+                    budget.last - self.last_ckpt >= 60 * self.cfg.checkpointing.interval_minutes:
+                self.checkpoint()
+        return None
+
+    def start_episode(self, episode: int) -> None:
+        """A new budget from b = 1 on fresh adapters and optimiser state; the planner forgets the run it was
+        planning but keeps what it learned (the planner's pre-training: docs/method.md, warm start)."""
+        self.episode = episode
         with torch.no_grad():
-            for p, saved in zip(params, resume["params"]):
-                p.copy_(saved)
-        optimizer.load_state_dict(resume["optimizer"])
-        planner.load_state_dict(resume["planner"])
-        stream.skip_to(resume["data"])
-        set_rng_state(resume["rng"])
-        step, skipped = resume["step"], resume["skipped"]
-        eval_points, marks_done, spent = resume["eval_points"], resume["marks"], resume["spent_s"]
-        print(f"resuming {cfg.run_id} at step {step} with {spent:.1f} s of the budget already spent")
+            for p, initial in zip(self.planner.params, self.initial_params):
+                p.copy_(initial)
+        self.planner.make_optimizer()
+        self.planner.start_episode()
+        self.budget = Budget(self.budget.limit, self.budget.unit, self.device, len(self.dev), self.e.marks_minutes,
+                             {"spent": 0.0, "eval_rate": self.budget.eval_rate})
+        print(f"episode {episode + 1}/{self.t.episodes}: a new budget of {self.budget.limit:g} "
+              f"{'steps' if self.budget.unit == 'steps' else 's'} on fresh adapters")
 
-    tracker = Tracker(cfg, results_dir)
-    tracker.start(OmegaConf.to_container(cfg, resolve=True), history=(resume or {}).get("history"))
-    tracker.summary({"model/parameters": loaded.n_params, "model/trainable_parameters": loaded.n_trainable,
-                     "budget/minutes": float(t_cfg.budget_minutes), "eval/n_problems": len(dev),
-                     PROBLEM_DIGEST: problem_set_digest(dev), "data/device": str(device), **(search_info or {})})
-    energy = EnergyMeter(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if energy.source == "none":
-        tracker.summary({"energy/available": False})
+    def log_step(self, result: StepResult, duration: float) -> None:
+        """One W&B row per attempted step (a skipped one too: no hole, nothing overwritten)."""
+        budget, now = self.budget, self.budget.last
+        row = {ELAPSED: now, BUDGET_LEFT: budget.fraction_left(), SKIPPED: self.skipped}
+        if not result.ok:
+            self.skipped += 1
+            self.bad_in_a_row += 1
+            row[SKIPPED] = self.skipped
+            print(f"step {self.step}: non-finite loss or gradient (loss {result.loss}, grad norm {result.grad_norm}); "
+                  f"update skipped ({self.skipped} so far)")
+            self.tracker.log(row, step=self.step)
+            return
+        self.bad_in_a_row = 0
+        self.planner_s += result.planner_s
+        self.train_s += duration
+        row.update({LOSS: result.loss, LR: result.eta, GRAD_NORM: result.grad_norm,
+                    TOKENS_PER_S: result.tokens / max(duration, 1e-9), STEP_TIME: duration,
+                    PLANNER_TIME: result.planner_s, PLANNER_FRACTION: result.planner_s / max(duration, 1e-9),
+                    EPOCH: self.stream.epoch, "data/skipped_bad_rows": self.stream.skipped_bad,
+                    "data/skipped_long_rows": self.stream.skipped_long, PEAK_MEM: peak_memory_gib(self.device)[0],
+                    ENERGY: self.energy.joules()})
+        row.update({f"planner/{k}": v for k, v in self.planner.log().items()})
+        self.tracker.log(row, step=self.step)
+        if now - getattr(self, "_last_print", -math.inf) >= (10 if budget.unit == "seconds" else 50) or self.step == 1:
+            self._last_print = now
+            unit = "s" if budget.unit == "seconds" else " steps"
+            print(f"step {self.step:5d} | {now:7.1f}/{budget.limit:.0f}{unit} | loss {result.loss:.4f} | "
+                  f"lr {result.eta:.2e} | {row[TOKENS_PER_S]:,.0f} tok/s", flush=True)
 
-    stream.prime()
-    budget_s = 60.0 * t_cfg.budget_minutes
-    clock = BudgetClock(budget_s, device, spent_s=spent)
-    step_est = 0.0
-    eval_rate = (resume or {}).get("eval_rate", 0.0)      # longest evaluation time per problem so far (s)
-    eval_est = eval_rate * len(dev)                       # the final evaluation's reserve
-    last_ckpt = clock.elapsed()
-    last_print = -math.inf
-    inject = fault_steps()
-    planner_total = train_total = 0.0
-    status = "finished"
-    evals_enabled = cfg.mode == "full"
-
-    def run_eval(kind: str) -> EvalResult:
-        nonlocal eval_rate, eval_est
-        full = kind not in ("start", "periodic")
-        problems, batches = (dev, dev_batches) if full else (periodic_dev, periodic_batches)
-        model_time = clock.elapsed()
-        result = evaluate(loaded.peft, loaded.tokenizer, batches, problems, planner, e_cfg.max_new_tokens,
-                          autocast, clock)
-        eval_rate = max(eval_rate, result.duration_s / len(problems))
-        eval_est = eval_rate * len(dev)
-        eval_points.append((step, model_time, result.em))
-        tracker.log({EM: result.em, EM_FLEX: result.em_flexible, EVAL_AT: model_time, EVAL_PROBLEMS: len(problems),
-                     EVAL_DURATION: result.duration_s, ELAPSED: clock.elapsed()}, step=step)
-        print(f"eval ({kind}) step {step} | {model_time:7.1f}s | EM strict {result.em:5.1f}% flexible "
-              f"{result.em_flexible:5.1f}% | {result.duration_s:.1f}s")
-        if on_evaluation is not None:
-            on_evaluation(step, model_time, result.em)
+    # -- evaluation -------------------------------------------------------------------------------------------
+    def evaluate(self, kind: str) -> EvalResult:
+        """Greedy generation and exact match on the dev split (the whole of it at the marks and at the end, the
+        fixed subset at step 0 and periodically); the final one also measures the teacher-forced loss.  Its time
+        is spent from the budget."""
+        final = kind == "final"
+        whole = kind not in ("start", "periodic")
+        problems, batches = (self.dev, self.dev_batches) if whole else (self.periodic_dev, self.periodic_batches)
+        model_time = self.budget.now()
+        with evaluation_mode(self.model, self.planner):
+            strict, flexible = generate_and_score(self.model, self.tokenizer, batches, problems,
+                                                  self.e.max_new_tokens, self.autocast)
+            loss = mean_answer_loss(self.planner.token_loss, self.loss_batches, self.autocast) if final else math.nan
+        result = EvalResult(strict, flexible, self.budget.now() - model_time, loss)
+        self.budget.record_evaluation(result.duration_s, len(problems))
+        self.eval_points.append((self.step, model_time, result.em))
+        self.tracker.log({EM: result.em, EM_FLEX: result.em_flexible, EVAL_AT: model_time,
+                          EVAL_PROBLEMS: len(problems), EVAL_DURATION: result.duration_s, ELAPSED: self.budget.last,
+                          "eval/loss": loss if final else None}, step=self.step)
+        print(f"eval ({kind}) step {self.step} | {model_time:7.1f} | EM strict {result.em:5.1f}% flexible "
+              f"{result.em_flexible:5.1f}% | {result.duration_s:.1f}s" + (f" | loss {loss:.4f}" if final else ""))
+        if self.on_evaluation is not None:
+            self.on_evaluation(self.step, model_time, result.em)
         return result
 
-    if resume is None and evals_enabled and e_cfg.at_start:
-        run_eval("start")
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"finished": False, "fingerprint": fingerprint(self.cfg),
+                "params": [p.detach().cpu().clone() for p in self.planner.params],
+                "optimizer": self.planner.optimizer.state_dict(), "planner": self.planner.state_dict(),
+                "data": self.stream.state(), "rng": rng_state(), "step": self.step, "skipped": self.skipped,
+                "eval_points": self.eval_points, "budget": self.budget.state_dict(), "history": self.tracker.rows,
+                "episode": self.episode}
 
-    # -- the loop ----------------------------------------------------------------------------------------
-    exhausted = False
-    while True:
-        # The budget check: stop when one more step and the final evaluation would not fit in B.
-        elapsed = clock.elapsed()
-        if step >= t_cfg.total_steps or exhausted:
-            break
-        if step > 0 and elapsed + step_est + eval_est > budget_s:
-            break
-        micro = [stream.next() for _ in range(t_cfg.gradient_accumulation_steps)]
-        if any(mb is None for mb in micro):   # max_epochs reached
-            exhausted = True
-            break
-        t0 = clock.elapsed()
-        ctx = StepContext(step=step, elapsed_s=t0, budget_s=budget_s, horizon_s=max(budget_s - eval_est, 1e-9))
-        result = optimiser_step(lm, planner, optimizer, params, micro, device, autocast, t_cfg.clip_grad_norm, ctx,
-                                clock, step in inject)
-        t1 = clock.elapsed()
-        duration = t1 - t0
-        step_est = duration if step_est == 0 else 0.8 * step_est + 0.2 * duration
-        if not result.ok:
-            skipped += 1
-            consecutive_bad += 1
-            print(f"step {step}: non-finite loss or gradient (loss {result.loss}, grad norm {result.grad_norm}); "
-                  f"update skipped ({skipped} so far)")
-            tracker.log({SKIPPED: skipped, ELAPSED: t1, BUDGET_LEFT: max(budget_s - t1, 0) / budget_s},
-                        step=step)
-            if consecutive_bad >= t_cfg.max_bad_steps:
-                status = "stopped_nonfinite"
-                break
-            step += 1
-            continue
-        consecutive_bad = 0
-        step += 1
-        planner_total += result.planner_s
-        train_total += duration
-        metrics = {LOSS: result.loss, LR: result.eta, GRAD_NORM: result.grad_norm,
-                   TOKENS_PER_S: result.tokens / max(duration, 1e-9), STEP_TIME: duration, SKIPPED: skipped,
-                   PLANNER_TIME: result.planner_s, PLANNER_FRACTION: result.planner_s / max(duration, 1e-9),
-                   ELAPSED: t1, BUDGET_LEFT: max(budget_s - t1, 0) / budget_s, EPOCH: stream.epoch,
-                   "data/skipped_bad_rows": stream.skipped_bad, "data/skipped_long_rows": stream.skipped_long,
-                   PEAK_MEM: peak_memory_gib(device)[0], ENERGY: energy.joules()}
-        metrics.update({f"planner/{k}": v for k, v in planner.log().items()})
-        tracker.log(metrics, step=step)
-        if t1 - last_print >= 10 or step == 1:
-            last_print = t1
-            print(f"step {step:5d} | {t1:7.1f}/{budget_s:.0f}s | loss {result.loss:.4f} | lr {result.eta:.2e} | "
-                  f"{metrics[TOKENS_PER_S]:,.0f} tok/s", flush=True)
-        # Evaluations: periodic, and at each mark (minutes) inside the budget so that it ends by the mark.
-        if evals_enabled:
-            now = clock.elapsed()
-            fits = now + eval_rate * len(periodic_dev) + step_est + eval_est <= budget_s
-            for mark in e_cfg.marks_minutes:
-                if mark not in marks_done and 60 * mark < budget_s and now + step_est + eval_est >= 60 * mark:
-                    marks_done[mark] = run_eval(f"{mark} min mark").em
-                    fits = False
-            if fits and e_cfg.interval_steps > 0 and step % e_cfg.interval_steps == 0:
-                run_eval("periodic")
-        if cfg.checkpointing.enabled and clock.elapsed() - last_ckpt >= 60 * cfg.checkpointing.interval_minutes:
-            save_checkpoint(ckpt_path, dict(finished=False, **_ckpt_state(params, optimizer, planner, stream, step,
-                                                                          skipped, eval_points, marks_done, clock,
-                                                                          eval_rate), history=tracker.rows))
-            last_ckpt = clock.elapsed()
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.planner.params, state["params"]):
+                p.copy_(saved)
+        self.planner.optimizer.load_state_dict(state["optimizer"])
+        self.planner.load_state_dict(state["planner"])
+        self.stream.skip_to(state["data"])
+        set_rng_state(state["rng"])
+        self.step, self.skipped, self.eval_points = state["step"], state["skipped"], state["eval_points"]
+        self.episode = state["episode"]
 
-    if status == "stopped_nonfinite":
-        tracker.summary({"status": status, "train/steps": step, SKIPPED: skipped})
-        tracker.finish(exit_code=1)
-        energy.stop()
-        raise NonFiniteTraining(f"{cfg.run_id}: {consecutive_bad} consecutive steps had a non-finite loss or "
-                                f"gradient (last at step {step}); lower training.optimizer.lr_init or check the "
-                                f"data, then re-run")
+    def checkpoint(self) -> None:
+        save_checkpoint(self.ckpt_path, self.state_dict())
+        self.last_ckpt = self.budget.last
 
-    # -- the final evaluation and the summary ------------------------------------------------------------
-    final = run_eval("final")
-    final_time = clock.elapsed()
-    summary = {FINAL_EM: final.em, FINAL_EM_FLEX: final.em_flexible, "final/elapsed_s": final_time,
-               "final/model_time_s": eval_points[-1][1], BEST_EM: max(e for _, _, e in eval_points),
-               AUC: auc_over_budget([(t, e) for _, t, e in eval_points], budget_s), "train/steps": step,
-               SKIPPED: skipped, FINAL_CORRECT: "".join("1" if c else "0" for c in final.strict),
-               "status": status, "data/epochs_completed": stream.epoch, ENERGY: energy.joules(),
-               PEAK_MEM: peak_memory_gib(device)[0], "memory/kind": peak_memory_gib(device)[1],
-               "energy/source": energy.source,
-               PLANNER_FRACTION: planner_total / train_total if train_total > 0 else None}
-    for mark in e_cfg.marks_minutes:
-        if 60 * mark < budget_s and mark in marks_done:
-            summary[em_at_mark(mark)] = marks_done[mark]
-        elif abs(60 * mark - budget_s) < 1e-6:
-            summary[em_at_mark(mark)] = final.em
-    if contam_batches is not None:
-        contam = evaluate(loaded.peft, loaded.tokenizer, contam_batches, contamination, planner,
-                          e_cfg.max_new_tokens, autocast, clock)
-        summary.update({CONTAM_EM: contam.em, CONTAM_EM_FLEX: contam.em_flexible,
-                        "contamination/n_problems": len(contamination)})
-        print(f"contamination set: EM strict {contam.em:.1f}% flexible {contam.em_flexible:.1f}% "
-              f"(after the budget; not counted in it)")
-    tracker.summary(summary)
-    planner.finish(results_dir)
-    if cfg.checkpointing.enabled:
-        save_checkpoint(ckpt_path, dict(finished=True, final_em=final.em, step=step))
-    tracker.finish()
-    energy.stop()
-    print(f"done: {step} steps in {final_time:.1f}s of a {budget_s:.0f}s budget | final dev EM strict "
-          f"{final.em:.2f}% flexible {final.em_flexible:.2f}% ({len(dev)} problems)")
-    return RunOutcome(final.em, step, status, eval_points)
+    # -- the end ----------------------------------------------------------------------------------------------
+    def stop_nonfinite(self):
+        self.tracker.summary({"status": "stopped_nonfinite", "train/steps": self.step, SKIPPED: self.skipped})
+        self.tracker.finish(exit_code=1)
+        self.energy.stop()
+        raise NonFiniteTraining(f"{self.cfg.run_id}: {self.bad_in_a_row} consecutive steps had a non-finite loss or "
+                                f"gradient (last at step {self.step}); lower training.optimizer.lr_init or check "
+                                f"the data, then re-run")
+
+    def summarise(self, final: EvalResult) -> RunOutcome:
+        """The W&B summary (final and best values, marks, AUC, energy, memory), the contamination check (after the
+        budget, not counted in it), the planner's own end (its pre-training checkpoint) and the last checkpoint."""
+        budget, limit = self.budget, self.budget.limit
+        summary = {FINAL_EM: final.em, FINAL_EM_FLEX: final.em_flexible, "final/loss": final.loss,
+                   "final/elapsed_s": budget.last, "final/model_time_s": self.eval_points[-1][1],
+                   BEST_EM: max(e for _, _, e in self.eval_points),
+                   AUC: auc_over_budget([(t, e) for _, t, e in self.eval_points], limit), "train/steps": self.step,
+                   "train/mean_step_time_s": self.train_s / max(self.step - self.skipped, 1), SKIPPED: self.skipped,
+                   FINAL_CORRECT: "".join("1" if c else "0" for c in final.strict), "status": "finished",
+                   "data/epochs_completed": self.stream.epoch, ENERGY: self.energy.joules(),
+                   PEAK_MEM: peak_memory_gib(self.device)[0], "memory/kind": peak_memory_gib(self.device)[1],
+                   "energy/source": self.energy.source,
+                   PLANNER_FRACTION: self.planner_s / self.train_s if self.train_s > 0 else None,
+                   **{f"planner/activity/{k}": v for k, v in self.planner.activity.items()}}
+        for mark in self.e.marks_minutes:
+            if budget.unit != "seconds":
+                continue
+            if 60 * mark < limit and mark in budget.marks_done:
+                summary[em_at_mark(mark)] = budget.marks_done[mark]
+            elif abs(60 * mark - limit) < 1e-6:
+                summary[em_at_mark(mark)] = final.em
+        if self.contam_batches is not None:
+            with evaluation_mode(self.model, self.planner):
+                strict, flexible = generate_and_score(self.model, self.tokenizer, self.contam_batches,
+                                                      self.contamination, self.e.max_new_tokens, self.autocast)
+            summary.update({CONTAM_EM: percent(strict), CONTAM_EM_FLEX: percent(flexible),
+                            "contamination/n_problems": len(self.contamination)})
+            print(f"contamination set: EM strict {percent(strict):.1f}% flexible {percent(flexible):.1f}% "
+                  f"(after the budget; not counted in it)")
+        self.tracker.summary(summary)
+        self.planner.finish(self.results_dir)
+        if self.cfg.checkpointing.enabled:
+            save_checkpoint(self.ckpt_path, {"finished": True, "fingerprint": fingerprint(self.cfg),
+                                             "final_em": final.em, "step": self.step})
+        self.tracker.finish()
+        self.energy.stop()
+        unit = "s" if budget.unit == "seconds" else " steps"
+        print(f"done: {self.step} steps in {budget.last:.1f}{unit} of a {limit:.0f}{unit} budget | final dev EM "
+              f"strict {final.em:.2f}% flexible {final.em_flexible:.2f}% ({len(self.dev)} problems)")
+        return RunOutcome(final.em, self.step, "finished", self.eval_points, dict(self.planner.activity))
 
 
-def _ckpt_state(params, optimizer, planner, stream, step, skipped, eval_points, marks, clock, eval_rate) -> dict:
-    return {"params": [p.detach().cpu().clone() for p in params], "optimizer": optimizer.state_dict(),
-            "planner": planner.state_dict(), "data": stream.state(), "rng": rng_state(), "step": step,
-            "skipped": skipped, "eval_points": eval_points, "marks": marks, "spent_s": clock.elapsed(),
-            "eval_rate": eval_rate}
+def train(cfg, on_evaluation=None, search_info: dict | None = None) -> RunOutcome:
+    """One full training run as configured (see Recipe)."""
+    recipe = Recipe(cfg, on_evaluation, search_info)
+    finished = recipe.setup()
+    if finished is not None:
+        print(f"{cfg.run_id}: already finished (checkpoint {recipe.ckpt_path}); delete it to train again")
+        return RunOutcome(finished["final_em"], finished["step"], "already_finished")
+    return recipe.train()

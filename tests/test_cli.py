@@ -16,7 +16,7 @@ import pytest
 
 from src import main as entry
 from src.preprocess import synthetic_problem
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 RUN_FILES = sorted(p.stem for p in (Path(REPO) / "config" / "runs").glob("*.yaml"))
 # the pre-training run first: it writes the GRAFF checkpoint the warm-started runs load

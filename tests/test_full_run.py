@@ -9,7 +9,7 @@ from src import evaluate as ev
 from src import main as entry
 from src import train as tr
 from src.preprocess import synthetic_problem
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 BUDGET_MIN = 0.4
 

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from src.model import TokenLoss, build_model
-from tests.conftest import REPO, random_batch
+from tests.helpers import REPO, random_batch
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])

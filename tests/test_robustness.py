@@ -15,7 +15,7 @@ import pytest
 from src import evaluate as ev
 from src import main as entry
 from src import train as tr
-from tests.conftest import REPO
+from tests.helpers import REPO, inject_nan
 from tests.fake_wandb import FakeWandbServer
 
 TINY = "comparative-4-iter1-tiny-synthetic"
@@ -62,6 +62,7 @@ def results_look_untouched(results: Path) -> bool:
 BAD_INPUTS = [
     # (id, argv after run=..., extra run file (name, text) or None, expected words in the one-line message)
     ("unknown run id", ["run=no-such-run", "mode=trial"], None, "unknown run id 'no-such-run'"),
+    ("missing mode", [f"run={TINY}"], None, "mode=trial|full is missing"),
     ("misspelt run id", ["run=comparative-4-iter1-tiny-synthetc", "mode=trial"], None, "did you mean"),
     ("missing run", ["mode=trial"], None, "run=<run_id> is missing"),
     ("bad mode", [f"run={TINY}", "mode=fast"], None, "mode=fast is not a mode"),
@@ -138,6 +139,106 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(case, tmp_path, confi
     assert results_look_untouched(results)
 
 
+def _model_folder(tmp_path):
+    """A complete local model folder (the embedded model's), copied so that it can be damaged."""
+    from omegaconf import OmegaConf
+    from src.main import EmbeddedConfig
+    from src.model import embedded_model_dir
+    folder = tmp_path / "model"
+    shutil.copytree(embedded_model_dir(OmegaConf.structured(EmbeddedConfig)), folder)
+    return folder
+
+
+def _data_folder(tmp_path):
+    from src.preprocess import synthetic_problem
+    import random
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("test", 8)):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(synthetic_problem(rng, 1)) + "\n" for _ in range(n)))
+    return folder
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _damage(kind: str, tmp_path: Path) -> tuple[list[str], str]:
+    """Damage one file a run reads; returns (extra command-line arguments, words the one-line error must hold)."""
+    results = tmp_path / "results"
+    if kind.startswith("checkpoint"):
+        ckpt = results / TINY / "checkpoint.pt"
+        ckpt.parent.mkdir(parents=True)
+        if kind == "checkpoint empty":
+            ckpt.write_bytes(b"")
+        elif kind == "checkpoint truncated":
+            import torch
+            torch.save({"finished": False, "params": [torch.zeros(1000)]}, ckpt)
+            _truncate(ckpt)
+        else:
+            ckpt.write_text("not a checkpoint")
+        return [], "is unreadable (truncated or corrupted): delete it"
+    if kind.startswith("warm-start"):
+        planner = tmp_path / "planner.pt"
+        if kind == "warm-start empty":
+            planner.write_bytes(b"")
+        elif kind == "warm-start truncated":
+            import torch
+            torch.save({"format": "graff-planner-v1", "net": {"w": torch.zeros(1000)}}, planner)
+            _truncate(planner)
+        else:
+            planner.write_text("{}")
+        return ["run=proposed-iter1-tiny-synthetic", f"training.scheduler.warm_start_ckpt={planner}"], str(planner)
+    if kind.startswith("model folder"):
+        folder = _model_folder(tmp_path)
+        if kind == "model folder empty":
+            shutil.rmtree(folder)
+            folder.mkdir()
+        elif kind == "model folder with a broken config":
+            (folder / "config.json").write_text("{")
+        else:
+            _truncate(next(folder.glob("*.safetensors")))
+        return [f"model.name={folder}", "model.parameter_count=null"], "could not load the local model folder"
+    folder = _data_folder(tmp_path)
+    train, test = folder / "train.jsonl", folder / "test.jsonl"
+    if kind == "train rows empty":
+        train.write_text("")
+        words = "no usable training row"
+    elif kind == "train rows truncated":
+        _truncate(train, 0.73)
+        words = "train.jsonl"
+    elif kind == "train rows of the wrong kind":
+        train.write_bytes(os.urandom(2000))
+        words = "train.jsonl"
+    else:
+        test.write_text("")
+        words = "holds no rows"
+    return [f"dataset.name={folder}", "dataset.streaming=false"], words
+
+
+DAMAGED = ["checkpoint empty", "checkpoint truncated", "checkpoint of the wrong kind", "warm-start empty",
+           "warm-start truncated", "warm-start of the wrong kind", "model folder empty",
+           "model folder with a broken config", "model folder with truncated weights", "train rows empty",
+           "train rows truncated", "train rows of the wrong kind", "eval rows empty"]
+
+
+@pytest.mark.parametrize("kind", DAMAGED)
+def test_a_damaged_file_gives_one_line_naming_it_and_writes_nothing(kind, tmp_path):
+    extra, words = _damage(kind, tmp_path)
+    results = tmp_path / "results"
+    run = [a for a in extra if a.startswith("run=")] or [f"run={TINY}"]
+    argv = run + [a for a in extra if not a.startswith("run=")] + \
+        [f"results_dir={results}", "mode=full", "wandb.mode=offline", "training.total_steps=2"]
+    before = sorted(p.name for p in results.rglob("*")) if results.exists() else []
+    code, out, err = cli(argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and words in lines[0], err
+    assert "Traceback" not in err + out
+    assert (sorted(p.name for p in results.rglob("*")) if results.exists() else []) == before   # nothing written
+
+
 def test_evaluate_bad_run_ids_in_the_catalogue(tmp_path):
     code, _, err = cli([f"results_dir={tmp_path}", "run_ids=proposed-1"], module=ev)
     assert code == 2 and "not a JSON list" in err and len(err.strip().splitlines()) == 1
@@ -150,19 +251,23 @@ def _history(results, run_id):
 
 
 def test_a_nan_loss_is_skipped_logged_and_the_run_finishes(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRAFF_FAULT_NAN_STEPS", "3,4")
+    inject_nan(monkeypatch, {3, 4})
     code = entry.run([f"run=proposed-iter1-tiny-synthetic", f"results_dir={tmp_path}", "mode=full",
                       "wandb.mode=offline", "training.total_steps=8", "evaluation.at_start=false",
                       "evaluation.interval_steps=0", "evaluation.max_problems=8"])
     assert code == 0
     history, summary, _, finished = _history(tmp_path, "proposed-iter1-tiny-synthetic")
     assert finished and summary["train/skipped_steps"] == 2 and summary["train/steps"] == 8
-    assert [r.get(tr.SKIPPED) for r in history if r["_step"] in (3, 4)] == [1, 2]
+    # one row per attempted step: the skipped ones (attempts 3 and 4) are rows 4 and 5, no hole, nothing overwritten
+    steps = {r["_step"]: r for r in history}
+    assert set(range(1, 9)) <= set(steps)
+    assert [steps[s].get(tr.SKIPPED) for s in (3, 4, 5, 6)] == [0, 1, 2, 2]
+    assert tr.LOSS in steps[3] and tr.LOSS not in steps[4] and tr.LOSS not in steps[5] and tr.LOSS in steps[6]
     assert all(r[tr.LR] > 0 for r in history if tr.LR in r)
 
 
 def test_persistent_nan_stops_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRAFF_FAULT_NAN_STEPS", ",".join(str(i) for i in range(100)))
+    inject_nan(monkeypatch, set(range(100)))
     code, out, err = cli([f"run={TINY}", f"results_dir={tmp_path}", "mode=full", "wandb.mode=offline",
                           "training.max_bad_steps=3", "evaluation.at_start=false"])
     assert code == 2 and "3 consecutive steps had a non-finite loss" in err and len(err.strip().splitlines()) == 1

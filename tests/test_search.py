@@ -9,7 +9,7 @@ import pytest
 
 from src import evaluate as ev
 from src import main as entry
-from tests.conftest import REPO
+from tests.helpers import REPO, inject_nan
 
 RUN = "comparative-4-iter1-tiny-synthetic"
 SMALL = ["mode=full", "wandb.mode=offline", "training.budget_minutes=0.05", "evaluation.max_problems=16",
@@ -109,7 +109,7 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
 
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("GRAFF_FAULT_NAN_STEPS", ",".join(str(i) for i in range(1000)))
+    inject_nan(monkeypatch, set(range(1000)))
     with pytest.raises(entry.ConfigError, match="no completed trial"):
         entry.run([f"run={RUN}", f"results_dir={tmp_path}", "optuna.n_trials=2", "training.max_bad_steps=2", *SMALL])
     states = [t.state.name for t in trials(tmp_path)]
