@@ -941,7 +941,7 @@ def analyse(results_dir: Path, run_ids: list[str]) -> dict:
             gap = (best_p["value"] - best_b["value"]) / best_b["value"] * 100   # EM is maximised: sign as is
     reference = best_p["run_id"] if best_p else None
     across = seed_statistics(arms, reference, [r for r in arms if is_baseline(r)])
-    significance = significance_tests(records, best_p, notes)
+    significance = first_seed_mcnemar(across["mcnemar_per_seed"], reference, notes)
     significance["mcnemar_per_seed"] = {
         b: {"seeds": by_seed, "significant": mcnemar_count(by_seed)[0], "tested": mcnemar_count(by_seed)[1],
             "alpha": ALPHA} for b, by_seed in across["mcnemar_per_seed"].items()}
@@ -1016,29 +1016,20 @@ def print_summary(agg: dict) -> None:
     print("                     " + spread_sentence(agg["power"], "loss", unit=""))
 
 
-def significance_tests(records: dict[str, list[RunRecord]], best_p: dict | None, notes: list[str]) -> dict:
-    """McNemar between the best proposed run and each baseline on the final evaluation's per-problem correctness
-    (first seed of each), when both evaluated the same problems in the same order."""
-    out = {"mcnemar_vs_best_proposed": {}}
-    if best_p is None:
-        return out
-    ref = records[best_p["run_id"]][0].summary
-    ref_bits, ref_digest = ref.get(FINAL_CORRECT), ref.get(PROBLEM_DIGEST)
-    if not isinstance(ref_bits, str):
-        notes.append(f"{best_p['run_id']}: no per-problem record; McNemar tests skipped")
-        return out
-    for run_id, recs in records.items():
-        if not is_baseline(run_id):
+def first_seed_mcnemar(by_baseline: dict[str, dict[str, dict]], reference: str | None, notes: list[str]) -> dict:
+    """McNemar of the best proposed run against each baseline on the first seed both have (the key earlier
+    analyses wrote; mcnemar_per_seed holds every seed); a pair that cannot be tested gets a note."""
+    out = {}
+    for baseline, by_seed in by_baseline.items():
+        if not by_seed:
+            notes.append(f"{baseline}: no seed in common with {reference}; no McNemar test")
             continue
-        summary = recs[0].summary
-        bits = summary.get(FINAL_CORRECT)
-        if not isinstance(bits, str) or summary.get(PROBLEM_DIGEST) != ref_digest or len(bits) != len(ref_bits):
-            notes.append(f"{run_id}: not evaluated on the same problems as {best_p['run_id']}; no McNemar test")
-            continue
-        test = mcnemar_test([int(c) for c in ref_bits], [int(c) for c in bits])
-        test["pair"] = [best_p["run_id"], run_id]
-        out["mcnemar_vs_best_proposed"][run_id] = test
-    return out
+        seed, test = min(by_seed.items(), key=lambda item: int(item[0]))
+        if "p_value" in test:
+            out[baseline] = {**test, "pair": [reference, baseline], "seed": int(seed)}
+        else:
+            notes.append(f"{baseline}: {test['skipped']} (seed {seed}, against {reference}); no McNemar test")
+    return {"mcnemar_vs_best_proposed": out}
 
 
 def write_table(metrics: dict[str, dict[str, float]], out: Path) -> None:
