@@ -342,7 +342,8 @@ def test_seed_of():
 
 
 def three_seed_runs():
-    ems = {"proposed-s": (60.0, 50.0, 52.0), "comparative-1-s": (40.0, 45.0, 41.0), "comparative-2-s": (30.0, 33.0, None)}
+    ems = {"proposed-s": (60.0, 50.0, 52.0), "comparative-1-s": (40.0, 45.0, 41.0),
+           "comparative-2-s": (30.0, 33.0, None)}
     runs = {}
     for arm, values in ems.items():
         for seed, em in enumerate(values):
@@ -395,3 +396,105 @@ def test_eta_against_the_budget_left_is_drawn_per_run_and_overlaid(fake_runs):
     ev.analyse(fake_runs, ["proposed-iter1-x", "comparative-5-iter1-x"])
     assert (fake_runs / "proposed-iter1-x" / "proposed-iter1-x_eta_vs_budget.pdf").stat().st_size > 1000
     assert (fake_runs / "comparison" / "comparison_eta_vs_budget.pdf").stat().st_size > 1000
+
+
+# --- compact records (bench/export_record.py) and the results table (bench/results_table.py) -------------------
+def bench_module(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ev.REPO_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def long_record(run_id, em, seed_cfg):
+    """A run with 1,000 logged steps, 5 evaluations and the summary a finished run has."""
+    rec = record(run_id, em, "1" * int(em) + "0" * (100 - int(em)), loss=2.0 - em / 50,
+                 extra={ev.SPEED_PROBE: 1.5, ev.EVAL_SPLIT: "test", ev.STEPS: 1000, ev.PLANNER_FRACTION: 0.25,
+                        ev.MEAN_STEP_TIME: 0.3, "budget/unit": "minutes", "model/parameters": 123})
+    rec.history = [{"_step": s, ev.LOSS: 2.0 / s, ev.LR: 1e-3 * (1 - s / 1000), ev.ELAPSED: 0.3 * s,
+                    ev.BUDGET_LEFT: 1 - s / 1000} for s in range(1, 1001)]
+    for s in (0, 250, 500, 750, 1000):
+        rec.history.append({"_step": s, ev.EM: em * s / 1000, ev.EVAL_AT: 0.3 * s, ev.EVAL_PROBLEMS: 100,
+                            ev.EVAL_LOSS: 1.0})
+    rec.config = {"run_id": run_id, "seed": seed_cfg, "method": "proposed", "model": {"name": "embedded"},
+                  "training": {"scheduler": {"type": "graff", "outer_lr": 1e-3}, "budget_minutes": 5.0,
+                               "optimizer": {"type": "adamw", "lr_init": 3e-3}}}
+    return rec
+
+
+def test_export_writes_a_small_complete_record_per_run_and_seed(monkeypatch, tmp_path, capsys):
+    export = bench_module("export_record")
+    runs = {"proposed-e": long_record("proposed-e", 60.0, 0),
+            "proposed-e-seed1": long_record("proposed-e-seed1", 50.0, 1)}
+    monkeypatch.setattr(ev, "load_run", lambda d, rid, e, p: runs.get(rid, f"{rid}: no such run"))
+    monkeypatch.setattr(ev, "replicate_ids",
+                        lambda d, rid, e=None, p=None: [rid] + [r for r in runs if r.startswith(rid + "-seed")])
+    out = tmp_path / "records"
+    assert export.main([str(tmp_path / "results"), str(out), "proposed-e", "comparative-9-e"]) == 0
+    assert "comparative-9-e" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["proposed-e-seed1.json", "proposed-e.json"]
+    path = out / "proposed-e-seed1.json"
+    rec = json.loads(path.read_text())
+    assert path.stat().st_size < 16_000
+    assert (rec["run_id"], rec["arm"], rec["seed"]) == ("proposed-e-seed1", "proposed-e", 1)
+    assert rec["config"]["scheduler"] == {"type": "graff", "outer_lr": 1e-3}
+    assert rec["config"]["optimizer"]["lr_init"] == 3e-3 and rec["config"]["budget_minutes"] == 5.0
+    summary = rec["summary"]
+    assert summary[ev.FINAL_CORRECT] == "1" * 50 + "0" * 50 and summary[ev.FINAL_LOSS] == 1.0
+    for key in (ev.SPEED_PROBE, ev.EVAL_SPLIT, ev.STEPS, ev.MEAN_STEP_TIME, "budget/unit", ev.BUDGET_MINUTES):
+        assert key in summary, key
+    assert "model/parameters" not in summary
+    evals = rec["eval_history"]
+    assert evals["columns"][:4] == ["_step", ev.EVAL_AT, ev.EM, ev.EVAL_PROBLEMS]
+    assert [row[0] for row in evals["rows"]] == [0, 250, 500, 750, 1000] and evals["rows"][-1][2] == 50.0
+    train = rec["train_history"]
+    assert train["columns"] == ["_step", ev.ELAPSED, ev.BUDGET_LEFT, ev.LOSS, ev.LR] and train["of_rows"] == 1000
+    steps = [row[0] for row in train["rows"]]
+    assert len(steps) <= 200 and steps[0] == 1 and steps[-1] == 1000 and steps == sorted(set(steps))
+    assert all(row[3] == pytest.approx(2.0 / row[0], rel=1e-6) for row in train["rows"])     # picked, not averaged
+
+
+def test_export_refuses_bad_arguments_in_one_line(tmp_path, capsys):
+    export = bench_module("export_record")
+    afile = tmp_path / "f"
+    afile.write_text("x")
+    assert export.main([str(afile), str(tmp_path / "out")]) == 2
+    assert export.main([str(tmp_path)]) == 2
+    assert export.main([str(tmp_path / "empty"), str(tmp_path / "out")]) == 2     # no run here and none named
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_results_table_is_rebuilt_from_compact_records_alone(tmp_path, capsys):
+    from scipy import stats
+    from statsmodels.stats.multitest import multipletests
+    export, table = bench_module("export_record"), bench_module("results_table")
+    for rid, rec in three_seed_runs().items():
+        rec.config = {"training": {"scheduler": {"type": "graff" if "proposed" in rid else "cosine"}}}
+        (tmp_path / f"{rid}.json").write_text(export.dumps(export.compact_record(rec)))
+    assert table.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
+    mean = ev.seed_stats([60.0, 50.0, 52.0])
+    assert rows["proposed"].startswith(f"| proposed | graff | 60.0, 50.0, 52.0 | 54.0 [{mean['ci95'][0]:.1f}, "
+                                       f"{mean['ci95'][1]:.1f}] |")
+    raw = [stats.ttest_rel([60, 50, 52], [40, 45, 41]).pvalue, stats.ttest_rel([60, 50], [30, 33]).pvalue]
+    holm = multipletests(raw, method="holm")[1]
+    paired = [line for line in lines if line.startswith("| comparative-1 | 3 |")]
+    assert len(paired) == 1 and f"| {holm[0]:.2g} |" in paired[0]
+    # McNemar per seed, proposed vs comparative-1: 20, 5 and 11 discordant pairs, all one way: exact p = 2 / 2^d
+    assert paired[0].endswith("| 2 of 3 |")
+    assert [line for line in lines if line.startswith("| comparative-2 | 2 |")]
+    assert any("with 3 seeds a paired t-test" in line and "80% power" in line for line in lines)
+    assert any("em_at_budget: budget 5 min < 30 min" in line for line in lines)
+
+
+def test_the_results_table_refuses_what_is_not_a_record(tmp_path, capsys):
+    table = bench_module("results_table")
+    assert table.main([str(tmp_path)]) == 2                                 # empty folder
+    (tmp_path / "x.json").write_text('{"run_id": "a"}')
+    assert table.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "no compact record" in err[0] and "is not a compact run record" in err[1]
