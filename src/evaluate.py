@@ -900,8 +900,8 @@ def analyse(results_dir: Path, run_ids: list[str]) -> dict:
             combined[name] = sum(values) / len(values) if values else None
             if values:
                 metrics.setdefault(name, {})[run_id] = combined[name]
-        seed_values_ = [m[PRIMARY_KEY] for m in per_seed.values() if m.get(PRIMARY_KEY) is not None]
-        entry = {"value": combined.get(PRIMARY_KEY), "seed_values": seed_values_, "seed_runs": list(per_seed),
+        primary_values = [m[PRIMARY_KEY] for m in per_seed.values() if m.get(PRIMARY_KEY) is not None]
+        entry = {"value": combined.get(PRIMARY_KEY), "seed_values": primary_values, "seed_runs": list(per_seed),
                  "ci95": None, "ci_method": None, "bootstrap_ci95": None}
         bits = main_rec.summary.get(FINAL_CORRECT)
         if isinstance(bits, str) and bits:
@@ -910,8 +910,8 @@ def analyse(results_dir: Path, run_ids: list[str]) -> dict:
         # final evaluation is the primary one (budget ≤ 30 min), not for a 60-min run's EM at 30 min
         final_is_primary = sources[main_rec.run_id].startswith("em_at_budget") or (
             sources[main_rec.run_id] == "em_at_30min" and main_rec.summary.get(BUDGET_MINUTES) == PRIMARY_MARK_MIN)
-        if len(seed_values_) >= 2:
-            entry.update(seed_stats(seed_values_), ci_method="t-interval across seeds")
+        if len(primary_values) >= 2:
+            entry.update(seed_stats(primary_values), ci_method="t-interval across seeds")
             entry["value"] = entry["mean"]
         elif entry["bootstrap_ci95"] and final_is_primary and entry["value"] is not None:
             entry["ci95"] = entry["bootstrap_ci95"]
