@@ -1,42 +1,143 @@
-"""Print the README's results table (Markdown) from what `src.evaluate` wrote into a results folder.
+"""Print the README's results table (Markdown) from compact run records, nothing else.
 
-    uv run python bench/results_table.py results/embedded
+    uv run python bench/export_record.py results/embedded bench/results/embedded_records   # once per sitting
+    uv run python bench/results_table.py bench/results/embedded_records
 
-Nothing is computed here that evaluate did not write: per-seed EM and steps come from each run's
-`metrics.json`, the intervals and McNemar p-values from `comparison/aggregated_metrics.json`.
+The records (one JSON per run and seed, written by bench/export_record.py and committed to git) are the only
+input: no W&B folder, no checkpoint, no number typed by hand.  Every statistic comes from src.evaluate's own
+functions (the primary value's rule, t-intervals, paired t and Wilcoxon tests with Holm's correction, McNemar
+per seed, the detectable difference), so the table and `aggregated_metrics.json` agree.
 """
+from __future__ import annotations
+
 import json
+import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def fmt(value, spec="{:.1f}"):
+from src import evaluate as ev  # noqa: E402  (after the path: the bench scripts run from anywhere)
+
+FORMAT = "graff-compact-record/1"
+
+
+class TableError(Exception):
+    """Bad input: one line on stderr, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the records
+# ----------------------------------------------------------------------------------------------------
+def read_records(records_dir: Path) -> list[dict]:
+    if not records_dir.is_dir():
+        raise TableError(f"{records_dir} is not a folder of compact records (bench/export_record.py writes them)")
+    records = []
+    for path in sorted(records_dir.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise TableError(f"{path} cannot be read as JSON ({err})") from None
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            raise TableError(f"{path} is not a compact run record ({FORMAT}); write it with bench/export_record.py")
+        records.append(record)
+    if not records:
+        raise TableError(f"no compact record (*.json) in {records_dir}")
+    return records
+
+
+def arm_order(arm: str) -> tuple:
+    """Proposed first, then ablations and others, then baselines; numbers in names compared as numbers."""
+    kind = 0 if ev.is_proposed(arm) else 2 if ev.is_baseline(arm) else 1
+    return (kind, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", arm)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------
+def fmt(value, spec="{:.1f}") -> str:
     return "–" if value is None else spec.format(value)
 
 
-def main(results: Path) -> None:
-    agg = json.loads((results / "comparison" / "aggregated_metrics.json").read_text())
-    mcnemar = agg.get("significance", {}).get("mcnemar_vs_best_proposed", {})
-    print("| run (`<token>-iter1-tiny-synthetic`) | planner | dev EM strict at B, per seed (%) | mean [95% CI] "
-          "| seed 0: bootstrap 95% CI | optimiser steps, per seed | planner time share | McNemar p vs best proposed |")
-    print("|---|---|---|---|---|---|---|---|")
-    for run_id, entry in agg["seed_groups"].items():
-        run = json.loads((results / run_id / "metrics.json").read_text())
-        seeds = run["seeds"] or {run_id: run["metrics"]}
-        em = ", ".join(fmt(m.get("dev_em_at_budget")) for m in seeds.values())
-        steps = ", ".join(fmt(m.get("train_steps"), "{:.0f}") for m in seeds.values())
-        ci = entry.get("ci95")
-        mean = sum(entry["seed_values"]) / len(entry["seed_values"]) if entry["seed_values"] else None
-        interval = f"{fmt(mean)} [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else fmt(mean)
-        boot = agg.get("bootstrap_ci95", {}).get(run_id)
-        boot = f"[{fmt(boot[0])}, {fmt(boot[1])}]" if boot else "–"
-        share = run["metrics"].get("planner_time_fraction")
-        p = mcnemar.get(run_id, {}).get("p_value")
-        token = run_id.removesuffix("-iter1-tiny-synthetic")
-        kind = run["config"]["training"]["scheduler"]["type"]
-        print(f"| {token} | {kind} | {em} | {interval} | {boot} | {steps} | {fmt(share and 100 * share, '{:.0f}%')} "
-              f"| {fmt(p, '{:.2g}')} |")
+def interval(stats: dict, spec="{:.1f}") -> str:
+    ci = stats.get("ci95")
+    return f"{fmt(stats['mean'], spec)} [{fmt(ci[0], spec)}, {fmt(ci[1], spec)}]" if ci else fmt(stats["mean"], spec)
+
+
+def mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def build_table(records: list[dict]) -> str:
+    arms: dict[str, dict[int, dict]] = {}
+    planner: dict[str, str] = {}
+    for record in records:
+        arms.setdefault(record["arm"], {})[int(record["seed"])] = record["summary"]
+        planner[record["arm"]] = ((record.get("config") or {}).get("scheduler") or {}).get("type") or "–"
+    order = sorted(arms, key=arm_order)
+    arms = {a: arms[a] for a in order}
+    label, suffix = ev.short_labels(order)
+    tables = {a: ev.arm_table(s) for a, s in arms.items()}
+    best = ev.best_arm(tables, ev.is_proposed)
+    reference = best["run_id"] if best else None
+    baselines = [a for a in order if ev.is_baseline(a)]
+    others = [a for a in order if not ev.is_baseline(a) and a != reference]
+    # two Holm families: the baselines (the analysis' family, and its spread and power), the ablations and others
+    stats = ev.seed_statistics(arms, reference, baselines)
+    families = [f for f, group in ((stats, baselines), (ev.seed_statistics(arms, reference, others), others)) if group]
+
+    run = f"run (`<token>{suffix}`)" if suffix else "run"
+    lines = [f"| {run} | planner | primary EM per seed (%) | mean [95% CI] | loss at B, mean [95% CI] "
+             f"| optimiser steps, mean | planner time share |", "|---|---|---|---|---|---|---|"]
+    for arm in order:
+        t = tables[arm]
+        per_seed = ", ".join(fmt(row["primary"]) for row in t["seeds"].values())
+        share = mean([row["planner_time_fraction"] for row in t["seeds"].values()])
+        steps = mean([row["steps"] for row in t["seeds"].values()])
+        lines.append(f"| {label[arm]} | {planner[arm]} | {per_seed} | {interval(t['primary'])} "
+                     f"| {interval(t['loss'], '{:.4g}')} | {fmt(steps, '{:.0f}')} "
+                     f"| {fmt(share if share is None else 100 * share, '{:.0f}%')} |")
+    if reference is None:
+        lines += ["", "No proposed arm (run id containing 'proposed') with a primary value: no paired comparison."]
+    else:
+        lines += ["", f"| vs {label[reference]} (Δ = {label[reference]} − run, paired by seed) | seeds "
+                      f"| Δ EM, mean [95% CI] (points) | paired t p (Holm) | Wilcoxon p (Holm) "
+                      f"| Δ loss at B, mean [95% CI] | paired t p (Holm) | Wilcoxon p (Holm) "
+                      f"| McNemar p < {ev.ALPHA:g}, seeds |", "|---|---|---|---|---|---|---|---|---|"]
+        for family in families:
+            for arm, em in family["paired"]["primary"].items():
+                loss = family["paired"]["loss"][arm]
+                significant, tested = ev.mcnemar_count(family["mcnemar_per_seed"][arm])
+                lines.append(
+                    f"| {label[arm]} | {em['n']} | {interval({'mean': em['mean_difference'], 'ci95': em['ci95']})} "
+                    f"| {fmt(em['t_p_holm'], '{:.2g}')} | {fmt(em['wilcoxon_p_holm'], '{:.2g}')} "
+                    f"| {interval({'mean': loss['mean_difference'], 'ci95': loss['ci95']}, '{:.3g}')} "
+                    f"| {fmt(loss['t_p_holm'], '{:.2g}')} | {fmt(loss['wilcoxon_p_holm'], '{:.2g}')} "
+                    f"| {significant} of {tested} |")
+        lines += ["", f"Δ is {label[reference]} (the best proposed arm) minus the run, over the seeds both have "
+                      f"(EM: positive favours {label[reference]}; loss: negative favours it). p-values are "
+                      f"Holm-corrected across the baselines, and separately across the other arms (ablations); "
+                      f"paired t: scipy ttest_rel; Wilcoxon signed-rank: scipy, exact for so few seeds (its "
+                      f"smallest two-sided p with n seeds is 2/2^n). McNemar: the final evaluation's per-problem "
+                      f"correctness, seed by seed, uncorrected."]
+    lines += ["", "Seed-to-seed spread: " + ev.spread_sentence(stats["power"], "primary") + "; "
+              + ev.spread_sentence(stats["power"], "loss", unit="") + "."]
+    sources = sorted({row["primary_source"] for t in tables.values() for row in t["seeds"].values()})
+    lines += ["", "Primary value (strict dev EM at 30 min of wall-clock): " + "; ".join(sources) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if len(argv) != 1:
+            raise TableError("usage: bench/results_table.py <records_dir>")
+        print(build_table(read_records(Path(argv[0]))), end="")
+    except TableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "results/embedded"))
+    sys.exit(main(sys.argv[1:]))
