@@ -191,7 +191,10 @@ class REACTORConfig:             # comparative-1: REINFORCE controller of the LR
 @dataclass
 class GraffConfig:               # proposed, its ablations and its pre-training (docs/method.md)
     type: str = "graff"
+    objective: str = rule("terminal", lambda v: v in ("terminal", "greedy"),
+                          "use terminal (the loss at the end of the budget) or greedy (the next step's loss)")
     outer_lr: float = rule(1.0e-3, lambda v: v > 0, "must be > 0")            # Adam's lr for W and the encoder
+    update_every: int = rule(10, lambda v: v >= 2, "must be ≥ 2 (steps between outer updates)")
     stability_guard: float = rule(1.9, lambda v: 0 < v <= 2, "must be in (0, 2] (2 is the edge of stability)")
     # a planner checkpoint to start from: a path, or a file name that the pre-training run saving it produces
     warm_start_ckpt: Optional[str] = None
@@ -202,9 +205,9 @@ class GraffConfig:               # proposed, its ablations and its pre-training 
     use_edges: bool = True                     # false: ablation (a), a per-node MLP instead of message passing
     use_budget: bool = True                    # false: ablation (b), no budget feature
     freeze: bool = False                       # true: ablation (c), W and the encoder never change
-    curvature_ema: float = rule(0.98, in_unit, "must be in [0, 1)")
-    jvp_sequences: int = rule(8, lambda v: v >= 0, "must be ≥ 0 (0 = no token hypergradient)")
-    lr_mult_range: List[float] = rule([0.1, 10.0], is_range, "must be [low, high] with 0 < low ≤ 1 ≤ high")
+    curvature_ema: float = rule(0.95, in_unit, "must be in [0, 1)")          # over one estimate per update
+    token_sequences: int = rule(4, lambda v: v >= 0, "must be ≥ 0 (0 = no token-multiplier gradient)")
+    lr_mult_range: List[float] = rule([1.0e-3, 10.0], is_range, "must be [low, high] with 0 < low ≤ 1 ≤ high")
 
 
 SCHEDULERS: dict[str, type] = {
@@ -274,7 +277,7 @@ class WandbConfig:
 
 @dataclass
 class TrialConfig:               # what mode=trial shrinks a run to
-    steps: int = 2                             # optimiser steps
+    steps: int = 4                             # optimiser steps: enough for every planner's learning paths to run
     eval_problems: int = 8
     # a warm-started GRAFF run's pre-training, at trial size (a trial that passes gets past the full run's set-up)
     pretrain_overrides: List[str] = field(default_factory=lambda: [
@@ -309,11 +312,12 @@ METHOD_PLANNER = {
     "proposed": "graff", "comparative-1": "reactor", "comparative-2": "bats", "comparative-3": "salelr",
     "comparative-4": "constant", "comparative-5": "cosine", "comparative-6": "linear", "comparative-7": "wsd",
     "comparative-8": "schedulefree", "ablation-noedges": "graff", "ablation-nobudget": "graff",
-    "ablation-frozenw": "graff", "pretrain": "graff",
+    "ablation-frozenw": "graff", "ablation-greedy": "graff", "pretrain": "graff",
 }
-# What each ablation must switch off (and what the full method must keep on).
+# What each ablation must switch (and what the full method must keep).  The pre-training may use either objective:
+# the greedy ablation's planner is pre-trained greedily too.
 ABLATION_FLAGS = {"ablation-noedges": ("use_edges", False), "ablation-nobudget": ("use_budget", False),
-                  "ablation-frozenw": ("freeze", True)}
+                  "ablation-frozenw": ("freeze", True), "ablation-greedy": ("objective", "greedy")}
 # The seed's short search-space names and the config paths they tune.  Full dotted paths work too.
 SEARCH_ALIASES = {
     "adapter_lr_init": "training.optimizer.lr_init",
@@ -531,9 +535,10 @@ def validate(cfg: DictConfig, explicit: set[str]) -> None:
     for method, (flag, value) in ABLATION_FLAGS.items():
         if cfg.method == method:
             _check(s[flag] == value, f"{method} needs training.scheduler.{flag}={str(value).lower()}; set it")
-        elif s.type == "graff" and cfg.method in ("proposed", "pretrain"):
-            _check(s[flag] != value, f"{cfg.method} runs the full GRAFF: training.scheduler.{flag} must be "
-                                     f"{str(not value).lower()} (ablations have their own method token)")
+        elif s.type == "graff" and cfg.method in ("proposed", "pretrain") and \
+                not (cfg.method == "pretrain" and flag == "objective"):
+            _check(s[flag] != value, f"{cfg.method} runs the full GRAFF: training.scheduler.{flag} must not be "
+                                     f"{str(value).lower()} (ablations have their own method token)")
     validate_scheduler(s)
     for key in sorted(explicit):                # keys set in a section the run does not read
         for section, (used, why) in CONDITIONAL.items():

@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.optimize import nnls
 from torch.utils.checkpoint import checkpoint
 
 from src.preprocess import CACHE_DIR, MicroBatch, UserError, hub_offline, route_warnings_to_stdout, synthetic_corpus
@@ -77,6 +79,7 @@ class TokenBatch:
     position: torch.Tensor           # relative position within the answer, in [0, 1]
     entropy: torch.Tensor | None     # first-layer probe entropy in [0, 1], when the planner asked for it
     index: int                       # micro-batch index within the step
+    step: int = 0                    # the optimiser step t it belongs to
 
 
 class Planner:
@@ -448,110 +451,128 @@ def block_dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], owner: to
     return torch.zeros(n_blocks, device=per.device).index_add_(0, owner.to(per.device), per)
 
 
-class SecantCurvature:
-    """Hessian-free curvature along the optimiser's update, per block and in total (shared by GRAFF and SALeLR).
+class UpdateCurvature:
+    """Curvature along the optimiser's update, in the optimiser's own geometry, per block and in total (GRAFF and
+    SALeLR; docs/method.md, "Curvature").
 
-    The step is θ_{t+1} = θ_t − η_t·u_t.  The secant H·(θ_{t+1} − θ_t) ≈ g_{t+1} − g_t, dotted with a direction v_t,
-    gives with a_t = ⟨g_t, v_t⟩ and b_t = ⟨g_{t+1}, v_t⟩
-        λ̂_t = (a_t − b_t) / (η_t · a_t)  ≈  vᵀHu / ∇Lᵀv,
-    the curvature along the update in units of the first-order decrease.  With v = u, on the one-dimensional
-    quadratic model along u, the step lowers the loss iff η_t·λ̂_t < 2 whatever the optimiser (for gradient
-    descent λ̂ is the Rayleigh quotient of H along g; for Adam, the sharpness of its preconditioned step), which is
-    why the edge-of-stability guard η·λ̂ ≤ 1.9 is stated on this quantity.
+    The step is θ_{t+1} = θ_t − η_t·u_t, so the secant gives g_t − g_{t+1} ≈ η_t·H·u_t.  Dotted with a direction v_t
+    and divided by the step's squared length in the preconditioner's metric:
 
-    Why v is not simply u: g_t's mini-batch noise ξ_t is part of u_t (Adam's step contains (1−β1)·P·g_t), so
-    ⟨g_t, u_t⟩ carries +⟨ξ_t, (1−β1)Pξ_t⟩ that ⟨g_{t+1}, u_t⟩ does not (ξ_{t+1} is independent of u_t).  The naive
-    estimate is then biased toward c/η_t whenever noise dominates the gradient, late in training above all, and a
-    planner that lowers η when λ̂ rises feeds the bias back into λ̂ (lower η, higher λ̂, lower η...).  Here v_t is
-    the part of AdamW's step that was fixed before g_t arrived: v_t = β1·m_{t−1} / ((1−β1^k)(√v̂_{t−1} + ε)) + λ_wd·θ_t
-    (momentum and weight decay, preconditioned as of step t−1), computed before the step and independent of ξ_t,
-    so a_t and b_t are unbiased; with β1 = 0.9 it is 90% of the step, and vᵀHu/∇Lᵀv measures the same curvature.
-    No estimate is made at the first step (no momentum yet).  Optimisers without Adam state use v = u.
+        λ̂_t = ⟨g_t − g_{t+1}, v_t⟩ / (η_t · ⟨v_t, P⁻¹u_t⟩)  ≈  vᵀHu / vᵀP⁻¹u
 
-    Cost: a copy of θ, the update and v, and three dot products per step; no extra forward or backward pass.
-    Single estimates are noisy (two mini-batches, and a ratio whose denominator can come near 0): `lam_max` is
-    the ratio of EMAs (`ema`), EMA[(a−b)/η] / EMA[a], a consistent estimate that a near-zero a_t cannot blow up,
-    read as max(·, 0).  `b_total` = ⟨g_{t+1}, u_t⟩ (unbiased as it is) is GRAFF's hypergradient."""
+    with P = AdamW's diagonal preconditioner 1/(√v̂_t + ε) of step t.  For v = u this is the Rayleigh quotient of the
+    preconditioned Hessian P^½HP^½ along the step: the sharpness AdamW's stability is about (Cohen et al. 2022:
+    adaptive methods are stable while η·λ_max(PH) < (2 + 2β1)/(1 − β1)).  The denominator is a squared length,
+    positive whatever the loss does, so the estimate stays valid to the end of training.  (A quotient divided by
+    the first-order progress ⟨g_t, v_t⟩ instead dies once momentum overshoots and that progress turns ≤ 0: measured
+    after 44 steps in a 5-minute run.)
+
+    v_t is the part of AdamW's step fixed before g_t arrived (momentum and weight decay, `committed_direction`), not
+    u_t itself: g_t's mini-batch noise ξ_t is part of u_t, so ⟨g_t, u_t⟩ would carry +⟨ξ_t, (1−β1)Pξ_t⟩ that
+    ⟨g_{t+1}, u_t⟩ does not, a bias toward 1/η that grows as noise dominates.  With v_t independent of ξ_t and of
+    ξ_{t+1}, numerator and denominator are unbiased; with β1 = 0.9, v_t is 90% of the step.  Optimisers without Adam
+    state use v = u and P = 1.  No estimate at the first step (no momentum yet).
+
+    Single estimates are noisy (two mini-batches): `lam_max` is the ratio of EMAs EMA[num/η] / EMA[den] (`ema`),
+    read as max(·, 0).  `hypergradient` = −⟨g_{t+1}, u_t⟩ = ∂L_{t+1}/∂η_t (exact for AdamW: decoupled decay).
+    Cost per estimate: a copy of θ, u and v, and four dot products; no extra forward or backward pass."""
 
     def __init__(self, params: Sequence[nn.Parameter], owner: torch.Tensor, n_blocks: int, ema: float):
         self.params, self.owner, self.n_blocks, self.ema = list(params), owner, n_blocks, ema
-        self._before: list[torch.Tensor] | None = None
-        self.u: list[torch.Tensor] | None = None       # u_t, same shapes as params
-        self.v: list[torch.Tensor] | None = None       # v_t: u_t without g_t's own share
-        self.eta = 0.0                                 # η_t of the step u_t belongs to
-        self.a_blocks: torch.Tensor | None = None      # ⟨g_t, v_t⟩ per block: (n_blocks,)
-        self.lam_blocks = torch.zeros(n_blocks)        # latest per-block λ̂ (0 where unknown)
-        self.lam = float("nan")                        # latest total λ̂ (one pair of steps)
-        self.num_ema = self.den_ema = 0.0              # EMA[(a−b)/η], EMA[a] (their ratio needs no debiasing)
-        self._held = 0.0                               # the last λ̂_max measured with EMA[a] > 0
-        self.b_total = 0.0                             # ⟨g_{t+1}, u_t⟩ over all parameters (GRAFF's hypergradient)
-        self._v_next: list = []                        # v_t of the coming step (set before it)
-        self._groups: dict | None = None               # parameter -> its optimiser group
+        self.theta_t: list[torch.Tensor] | None = None  # θ_t, kept from before the step until the pair is observed
+        self.u: list[torch.Tensor] | None = None        # u_t
+        self.v: list[torch.Tensor] | None = None        # v_t
+        self.eta = 0.0                                  # η_t of the step u_t belongs to
+        self.grad_scale = 1.0                           # the clipping factor of step t
+        self.a_blocks: torch.Tensor | None = None       # ⟨g_t, v_t⟩ per block (g_t unclipped)
+        self.den_blocks: torch.Tensor | None = None     # ⟨v_t, P⁻¹u_t⟩ per block
+        self.lam_blocks = torch.zeros(n_blocks)         # latest per-block λ̂ (0 where unknown)
+        self.lam = float("nan")                         # latest total λ̂ (one pair of steps)
+        self.num_ema = self.den_ema = 0.0               # EMA[(a − b)/η], EMA[den]
+        self.hypergradient = float("nan")               # −⟨g_{t+1}, u_t⟩ of the latest pair
+        self.pair: tuple[float, float, float] | None = None   # (a, b, den) of the latest pair, in total
+        self._v_next: list = []
+        self._groups: dict | None = None
 
     @property
     def lam_max(self) -> float:
-        """The curvature the guard and SALeLR use: max(EMA[(a−b)/η] / EMA[a], 0); 0 while unknown.  While
-        EMA[a] ≤ 0 (no first-order decrease left along v to measure it against) the last value holds: "no
-        evidence" must not read as "flat" and let η jump back up."""
-        if self.den_ema > 1e-30:
-            self._held = max(self.num_ema / self.den_ema, 0.0)
-        return self._held
+        """λ̂ = max(EMA[(a − b)/η] / EMA[den], 0); 0 while unknown."""
+        return max(self.num_ema / self.den_ema, 0.0) if self.den_ema > 1e-30 else 0.0
 
-    @torch.no_grad()
-    def observe(self) -> bool:
-        """After the backward of step t+1 (raw gradients in .grad): estimate λ̂ for step t.  False if no u_t."""
-        if self.u is None or self.a_blocks is None:
-            return False
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self.b_total = float(block_dots(grads, self.u, self.owner, self.n_blocks).sum())
-        b_blocks = block_dots(grads, self.v, self.owner, self.n_blocks)
-        a_blocks = self.a_blocks
-        a_total, b_total = float(a_blocks.sum()), float(b_blocks.sum())
-        self.pair = (a_total, b_total)                 # ⟨g_t, v_t⟩, ⟨g_{t+1}, v_t⟩ (for tests and logging)
-        valid = a_blocks > 1e-30
-        lam_blocks = torch.where(valid, (a_blocks - b_blocks) / (self.eta * a_blocks.clamp(min=1e-30)),
-                                 torch.zeros_like(a_blocks))
-        self.lam_blocks = lam_blocks.cpu()
-        if self.eta > 0:
-            self.lam = (a_total - b_total) / (self.eta * a_total) if abs(a_total) > 1e-30 else float("nan")
-            self.num_ema = self.ema * self.num_ema + (1 - self.ema) * (a_total - b_total) / self.eta
-            self.den_ema = self.ema * self.den_ema + (1 - self.ema) * a_total
-        return True
+    @property
+    def pending(self) -> bool:
+        """A step's u_t is waiting for the next gradient."""
+        return self.u is not None
 
     @torch.no_grad()
     def before_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Before the optimiser step: keep θ_t and the direction v_t (see the class docstring)."""
-        self._before = [p.detach().clone() for p in self.params]
+        """Before the optimiser step t: keep θ_t and the committed direction v_t."""
+        self.theta_t = [p.detach().clone() for p in self.params]
         if optimizer is not None and self._groups is None:
             self._groups = {id(q): group for group in optimizer.param_groups for q in group["params"]}
         self._v_next = [committed_direction(p, optimizer, (self._groups or {}).get(id(p))) for p in self.params]
+        self._optimizer = optimizer
 
     @torch.no_grad()
     def after_step(self, eta: float, grad_scale: float) -> None:
-        """After the optimiser step (g_t, clipped, still in .grad): u_t = (θ_t − θ_{t+1})/η_t and a_t = ⟨g_t, v_t⟩
-        with g_t unclipped."""
-        if self._before is None or eta <= 0:
+        """After the optimiser step (g_t, clipped, still in .grad): u_t, a_t = ⟨g_t, v_t⟩ (unclipped) and the
+        denominator ⟨v_t, P⁻¹u_t⟩ with P the preconditioner step t used."""
+        if self.theta_t is None or eta <= 0:
             return
-        self.u = [(b - p.detach()) / eta for b, p in zip(self._before, self.params)]
-        if any(v is False for v in self._v_next):      # the first AdamW step: no momentum, no estimate
+        self.u = [(b - p.detach()) / eta for b, p in zip(self.theta_t, self.params)]
+        if any(v is False for v in self._v_next):       # the first AdamW step: no momentum, no estimate
             self.reset_pair()
             return
         self.v = [u if v is None else v for u, v in zip(self.u, self._v_next)]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         self.a_blocks = block_dots(grads, self.v, self.owner, self.n_blocks) / grad_scale
-        self.eta, self._before = eta, None
+        metric = [u * d if (d := preconditioner_inverse(p, self._optimizer, (self._groups or {}).get(id(p))))
+                  is not None else u for p, u in zip(self.params, self.u)]
+        self.den_blocks = block_dots(self.v, metric, self.owner, self.n_blocks)
+        self.eta, self.grad_scale = eta, grad_scale
+
+    @torch.no_grad()
+    def observe(self) -> bool:
+        """After the backward of step t+1 (raw g_{t+1} in .grad): the estimate of the pair (t, t+1).  False when
+        there is no pair to complete."""
+        if self.u is None or self.a_blocks is None:
+            return False
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.hypergradient = -float(block_dots(grads, self.u, self.owner, self.n_blocks).sum())
+        b_blocks = block_dots(grads, self.v, self.owner, self.n_blocks)
+        num, den = self.a_blocks - b_blocks, self.den_blocks
+        a, b, d = float(self.a_blocks.sum()), float(b_blocks.sum()), float(den.sum())
+        self.pair = (a, b, d)
+        valid = den > 1e-30
+        self.lam_blocks = torch.where(valid, num / (self.eta * den.clamp(min=1e-30)), torch.zeros_like(den)).cpu()
+        if d > 1e-30:
+            self.lam = (a - b) / (self.eta * d)
+            self.num_ema = self.ema * self.num_ema + (1 - self.ema) * (a - b) / self.eta
+            self.den_ema = self.ema * self.den_ema + (1 - self.ema) * d
+        self.u = self.v = self.a_blocks = self.den_blocks = None     # θ_t stays until the next before_step
+        return True
 
     def reset_pair(self) -> None:
-        """Forget u_t (after a skipped step, the next gradient no longer pairs with it)."""
-        self.u, self.v, self.a_blocks, self._before = None, None, None, None
+        """Forget u_t (after a skipped step the next gradient no longer pairs with it)."""
+        self.u, self.v, self.a_blocks, self.den_blocks = None, None, None, None
 
     def state_dict(self) -> dict:
-        return {"num_ema": self.num_ema, "den_ema": self.den_ema, "lam": self.lam, "eta": self.eta,
-                "held": self._held}
+        return {"num_ema": self.num_ema, "den_ema": self.den_ema, "lam": self.lam, "eta": self.eta}
 
     def load_state_dict(self, state: dict) -> None:
-        self.num_ema, self.den_ema, self.lam, self.eta, self._held = (state["num_ema"], state["den_ema"],
-                                                                      state["lam"], state["eta"], state["held"])
+        self.num_ema, self.den_ema, self.lam, self.eta = (state["num_ema"], state["den_ema"], state["lam"],
+                                                          state["eta"])
+
+
+def preconditioner_inverse(p: nn.Parameter, optimizer, group: dict | None) -> torch.Tensor | None:
+    """P⁻¹ = √v̂_t + ε of AdamW after its step t (the metric the step was taken in), or None without Adam state."""
+    if optimizer is None or group is None or "betas" not in group:
+        return None
+    state = optimizer.state.get(p, {})
+    if "exp_avg_sq" not in state:
+        return None
+    k = float(state["step"])
+    return (state["exp_avg_sq"] / (1 - group["betas"][1] ** k)).sqrt() + group["eps"]
 
 
 def committed_direction(p: nn.Parameter, optimizer, group: dict | None):
@@ -684,14 +705,15 @@ class SALeLR(Planner):
     """comparative-3: sharpness-aware LR, η_t = lr_init · median(λ̂_≤t) / λ̂_t, clipped to `lr_mult_range`.
 
     In the spirit of SALR (arXiv 2011.05348), which rescales the LR by sharpness relative to its running median;
-    as SPEC §9 defines SALeLR, the rescaling is by the *inverse* sharpness (smaller steps where the loss is
-    sharper).  λ̂_t is the secant curvature shared with GRAFF (SecantCurvature), smoothed by `curvature_ema`."""
+    as this project defines SALeLR, the rescaling is by the *inverse* sharpness (smaller steps where the loss is
+    sharper).  λ̂_t is the curvature along the update shared with GRAFF (UpdateCurvature), smoothed by
+    `curvature_ema`."""
     learning_paths = ("curvature",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         owner, n = _owner_index(self.graph, self.params)
-        self.curv = SecantCurvature(self.params, owner, n, self.cfg.curvature_ema)
+        self.curv = UpdateCurvature(self.params, owner, n, self.cfg.curvature_ema)
         self.history: list[float] = []
 
     def plan(self, ctx):
@@ -906,25 +928,36 @@ class REACTOR(Planner):
 # ----------------------------------------------------------------------------------------------------
 # 8. GRAFF
 # ----------------------------------------------------------------------------------------------------
-GRAFF_FORMAT = "graff-planner-v1"
-N_NODE_FEATURES = 4    # x_{t,i} = [η·λ̂_i / guard, H̄_t, b_t, log(‖g_i‖ / mean_j ‖g_j‖)]
+# The method and every choice it leaves open are in docs/method.md; this section follows its notation.
+GRAFF_FORMAT = "graff-planner-v2"
+N_NODE_FEATURES = 5    # x_{t,i} = [η_t·λ̂_i / edge, H̄_t, b_t, log(b_t + ε_b), log(‖g_i‖ / mean_j ‖g_j‖)]
 N_EDGE_FEATURES = 2    # e_ij = [x_i[0] − x_j[0], H̄_t]
 N_TOKEN_FEATURES = 2   # φ_{t,i} = [z-scored probe entropy H_i, relative answer position − 1/2]
+N_READOUT_EXTRA = 3    # r_t = [h̄_t; b_t; log(b_t + ε_b); 1]: the decoder sees the budget directly
+BUDGET_EPS = 0.01      # ε_b: log(b + ε_b) stays finite at the end of the budget (b = 0)
+FD_STEPS = 1.0         # the token products' finite-difference step: one step's worth of movement (δ = η_u)
+
+
+def adam_edge(beta1: float) -> float:
+    """AdamW's edge of stability on the preconditioned sharpness: η·λ_max(PH) < (2 + 2β1)/(1 − β1) (Cohen et al.
+    2022).  GRAFF's guard η·λ̂ ≤ γ·edge/2 keeps the method's γ = 1.9 < 2 meaning "just inside the edge"."""
+    return (2.0 + 2.0 * beta1) / (1.0 - beta1)
 
 
 class GraffNet(nn.Module):
-    """The planner's learnable part.  No parameter depends on the number of nodes, so one checkpoint serves
-    every model size (zero-shot transfer, SPEC §8).
+    """The planner's learnable part: the encoder and the decoder W.  No parameter depends on the number of nodes,
+    so one checkpoint serves every model size (zero-shot transfer).
 
     Encoder (message passing, `rounds` rounds, then a GRU update of the persistent state):
         z⁰_i = tanh(A [x_i, h_i])                                          (N, D)
         z^{r+1}_i = z^r_i + mean_{j→i} tanh(M_r [z^r_i, z^r_j, e_ji])       with edges
         z^{r+1}_i = z^r_i + tanh(M_r [z^r_i, z^r_i, 0])                     without edges (ablation: per-node MLP)
         h_t = GRUCell(z^R, h_{t−1})                                        (N, D)
-    Decoder: one linear map W ∈ R^{(1+K)×(D+1)} applied to h̄_t = [mean_i h_{t,i}; 1]:
-        log η_t = log lr_init + W_0 · h̄_t
-        s_{t,i} = Σ_k φ_{t,i,k} · (W_k · h̄_t),   m_{t,i} = normalise(exp(2·tanh(s_{t,i}/2)))
-    W starts at zero: η = lr_init and m ≡ 1 until the planner has learned otherwise."""
+    Decoder: one linear map W ∈ R^{(1+K)×(D+3)} on r_t = [h̄_t; b_t; log(b_t + ε_b); 1] (h̄_t = mean_i h_{t,i}):
+        log η_t = log lr_init + W_0 · r_t      — so η_t = lr_init·e^{c}·(b_t + ε_b)^κ·e^{ρ b_t}·e^{w_h·h̄_t}
+        s_{t,i} = Σ_k φ_{t,i,k} · (W_k · r_t),   m_{t,i} = normalise(exp(2·tanh(s_{t,i}/2)))
+    W_0's budget coefficients (ρ, κ) can express a decay to the end of the budget (κ > 0), a constant (0, 0) or
+    a late rise; W starts at zero: η = lr_init and m ≡ 1 until the planner has learned otherwise."""
 
     def __init__(self, hidden: int, rounds: int, use_edges: bool):
         super().__init__()
@@ -932,7 +965,7 @@ class GraffNet(nn.Module):
         self.inp = nn.Linear(N_NODE_FEATURES + hidden, hidden)
         self.rounds = nn.ModuleList(nn.Linear(2 * hidden + N_EDGE_FEATURES, hidden) for _ in range(rounds))
         self.gru = nn.GRUCell(hidden, hidden)
-        self.W = nn.Parameter(torch.zeros(1 + N_TOKEN_FEATURES, hidden + 1))
+        self.W = nn.Parameter(torch.zeros(1 + N_TOKEN_FEATURES, hidden + N_READOUT_EXTRA))
 
     def encode(self, h: torch.Tensor, x: torch.Tensor, edges: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """h (N, D), x (N, F), edges (2, E), e (E, 2) -> h' (N, D)."""
@@ -948,15 +981,21 @@ class GraffNet(nn.Module):
                 z = z + torch.tanh(layer(torch.cat([z, z, torch.zeros(z.shape[0], N_EDGE_FEATURES)], -1)))
         return self.gru(z, h)
 
-    @staticmethod
-    def readout(h: torch.Tensor) -> torch.Tensor:
-        """h̄ = [mean_i h_i; 1]: (D+1,)."""
-        return torch.cat([h.mean(0), torch.ones(1)])
+
+def readout(h_bar: torch.Tensor, budget_left, use_budget: bool = True) -> torch.Tensor:
+    """r = [h̄; b; log(b + ε_b); 1]: (D+3,), or (n, D+3) for a tensor of budget values b (n,).  Without the budget
+    feature (ablation b) both budget entries are 0."""
+    b = torch.as_tensor(budget_left, dtype=h_bar.dtype)
+    extra = torch.stack([b, torch.log(b + BUDGET_EPS)], -1) if use_budget else torch.zeros(*b.shape, 2,
+                                                                                           dtype=h_bar.dtype)
+    if b.dim() == 0:
+        return torch.cat([h_bar, extra, torch.ones(1, dtype=h_bar.dtype)])
+    return torch.cat([h_bar.expand(b.shape[0], -1), extra, torch.ones(b.shape[0], 1, dtype=h_bar.dtype)], -1)
 
 
 def token_multipliers(coeffs: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """m_i = normalise(exp(2·tanh(s_i/2))) with s_i = φ_i · coeffs: (n,), mean 1, each within a factor e⁴ of
-    the others (bounded so that no token can take over the loss)."""
+    """m_i = normalise(exp(2·tanh(s_i/2))) with s_i = φ_i · coeffs: (n,), mean 1 over `phi`'s tokens, each within a
+    factor e⁴ of the others (bounded so that no token can take over the loss)."""
     s = phi @ coeffs
     return normalise_weights(torch.exp(2.0 * torch.tanh(s / 2.0)))
 
@@ -971,78 +1010,393 @@ def project_halfspace(w: torch.Tensor, x: torch.Tensor, lo: float, hi: float) ->
     return w
 
 
+class FewModeSurrogate:
+    """Online fit of the few-mode surrogate and its differentiable terminal-loss forecast.
+
+    observe(step, eta, loss, hypergrad=None)   step `step` ran with LR `eta`; `loss` is the mini-batch loss
+                                               measured at θ_step (before the step), `hypergrad` the measured
+                                               ∂ℓ_step/∂η_{step−1} = −⟨g_step, u_{step−1}⟩ (None if unknown)
+    refit() -> dict                            refit θ on the whole history; returns diagnostics
+    terminal_loss(eta_future) -> Tensor        L̂_T for the LRs of the remaining steps (1-D, differentiable)
+    ready                                      a fit exists and passed the sanity checks
+
+    History is kept in numpy buffers (scalars per step, O(K) work per step); only the forecast is torch."""
+
+    def __init__(self, eta_ref: float, horizon: int, n_modes: int = 16, span: tuple[float, float] | None = None,
+                 bin: int = 5, ridge: float = 1e-4, use_hypergrad: bool = True, hg_weight: float = 1.0,
+                 forget: float = 0.0, max_chi2: float = 25.0, spectrum: str = "free", momentum: float = 0.0,
+                 tau_beta: float = 0.9, tau_rel: float = 0.1, use_tau: bool = True,
+                 gammas=(-1.0, -0.5, 0.0, 0.5, 1.0), gamma_prior: float = 0.0,
+                 alphas=(-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0), betas=(-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)):
+        self.eta_ref, self.horizon, self.bin, self.ridge = float(eta_ref), int(horizon), int(bin), float(ridge)
+        self.use_hypergrad, self.hg_weight, self.forget = use_hypergrad, float(hg_weight), float(forget)
+        self.max_chi2, self.spectrum = float(max_chi2), spectrum
+        self.c_mom = (1.0 - momentum) / (1.0 + momentum)      # share of the noise a momentum step's hg sees
+        self.c_tau = (1.0 - tau_beta) / (1.0 + tau_beta)      # share of the noise variance left in m̂²
+        self.tau_rel, self.use_tau = float(tau_rel), use_tau
+        self.alphas, self.betas = tuple(alphas), tuple(betas)
+        self.gammas, self.gamma_prior = tuple(gammas), float(gamma_prior)
+        lo, hi = span if span is not None else (0.1 / max(horizon, 1), 1.0)
+        self.kappa_np = np.logspace(math.log10(lo), math.log10(hi), n_modes) / self.eta_ref
+        self.kappa = torch.from_numpy(self.kappa_np.copy())
+        K = self.K = n_modes
+        self.phi = np.ones(K)                               # Φ(τ), Ψ(τ) of the step about to run
+        self.psi = np.zeros(K)
+        cap = max(horizon, 16) + 1
+        self.L_rows, self.L_y, self.nL = np.zeros((cap, 1 + 2 * K)), np.zeros(cap), 0   # [1, Φ(τ), Ψ(τ)] → ℓ_τ
+        self.H_rows, self.H_y, self.nH = np.zeros((cap, 1 + 2 * K)), np.zeros(cap), 0   # d ℓ̂_{τ+1}/dη_τ row
+        self.F_rows, self.F_y, self.nF = np.zeros((cap, 1 + 2 * K)), np.zeros(cap), 0   # noise floor at η_τ
+        self._pending: tuple[int, np.ndarray] | None = None   # row of step τ, waiting for its measurement at τ+1
+        self.theta: torch.Tensor | None = None                # (1 + 2K,): L∞, a, n
+        self.theta_np: np.ndarray | None = None
+        self.ready = False
+        self.diag: dict[str, float] = {}
+
+    # -- history --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _push(rows, y, n, row, val):
+        if n == rows.shape[0]:
+            rows = np.concatenate([rows, np.zeros_like(rows)])
+            y = np.concatenate([y, np.zeros_like(y)])
+        rows[n] = row
+        y[n] = val
+        return rows, y, n + 1
+
+    def observe(self, step: int, eta: float, loss: float, hypergrad: float | None = None,
+                temperature: float | None = None) -> None:
+        """Record step `step`: the loss measured at θ_step (before the step), the hypergradient of the previous
+        step measured at θ_step, and the LR the step then used.  Steps come in order, one call each."""
+        if (hypergrad is not None and math.isfinite(hypergrad) and self._pending is not None
+                and self._pending[0] == step - 1):
+            self.H_rows, self.H_y, self.nH = self._push(self.H_rows, self.H_y, self.nH, self._pending[1], hypergrad)
+        self._pending = None
+        K = self.K
+        if math.isfinite(loss):
+            row = np.empty(1 + 2 * K)
+            row[0], row[1:1 + K], row[1 + K:] = 1.0, self.phi, self.psi
+            self.L_rows, self.L_y, self.nL = self._push(self.L_rows, self.L_y, self.nL, row, loss)
+        k, e = self.kappa_np, float(eta)
+        lin = -2.0 * k * (1.0 - e * k)                      # d/dη of (1 − ηκ)²
+        hrow = np.empty(1 + 2 * K)
+        gam = (self.c_mom + 1.0 - e * k) / (2.0 - e * k)     # 1 for SGD; ≈ (1 + c)/2 with momentum
+        hrow[0], hrow[1:1 + K], hrow[1 + K:] = 0.0, lin * self.phi, lin * self.psi + 2.0 * e * gam
+        self._pending = (step, hrow)
+        if temperature is not None and math.isfinite(temperature) and temperature > 0:
+            frow = np.zeros(1 + 2 * K)                       # equilibrium floor of every mode at η: η n/(κ(2 − ηκ))
+            frow[1 + K:] = e / (k * np.maximum(2.0 - e * k, 1e-3))
+            floor = e * temperature / (4.0 * (1.0 - self.c_tau))
+            self.F_rows, self.F_y, self.nF = self._push(self.F_rows, self.F_y, self.nF, frow, floor)
+        f = (1.0 - e * k) ** 2
+        self.phi = f * self.phi
+        self.psi = f * self.psi + e * e
+
+    @property
+    def n_obs(self) -> int:
+        return self.nL
+
+    # -- fit ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _noise_level(y: np.ndarray) -> float:
+        """Robust per-observation noise std from successive differences (the signal moves slowly)."""
+        if y.size < 4:
+            return float(np.abs(y).mean()) + 1e-12
+        return float(1.4826 * np.median(np.abs(np.diff(y))) / math.sqrt(2.0)) + 1e-12
+
+    def _binned(self, rows: np.ndarray, y: np.ndarray):
+        """Means over bins of `bin` consecutive steps (newest bin complete), with the per-bin weight √count."""
+        n = (rows.shape[0] // self.bin) * self.bin
+        start = rows.shape[0] - n
+        if n == 0:
+            return rows, y, np.ones(rows.shape[0])
+        Ab = rows[start:].reshape(-1, self.bin, rows.shape[1]).mean(1)
+        yb = y[start:].reshape(-1, self.bin).mean(1)
+        return Ab, yb, np.full(Ab.shape[0], math.sqrt(self.bin))
+
+    def _age_weight(self, n: int) -> np.ndarray:
+        if self.forget <= 0:
+            return np.ones(n)
+        age = np.arange(n - 1, -1, -1) / max(n, 1)
+        return np.exp(-self.forget * age)
+
+    def refit(self) -> dict:
+        """Non-negative least squares for θ = (L∞, a, n) over the binned loss and hypergradient rows."""
+        if self.nL < 3 * self.bin:
+            self.ready = False
+            return {"ok": 0.0}
+        yL = self.L_y[:self.nL]
+        s_l = self._noise_level(yL)
+        A, y, c = self._binned(self.L_rows[:self.nL], yL)
+        wl = c / s_l * self._age_weight(A.shape[0])
+        blocks_A, blocks_y = [A * wl[:, None]], [y * wl]
+        if self.use_hypergrad and self.nH >= 3 * self.bin:
+            yH = self.H_y[:self.nH]
+            s_h = self._noise_level(yH)
+            Ah, yh, ch = self._binned(self.H_rows[:self.nH], yH)
+            wh = self.hg_weight * ch / s_h * self._age_weight(Ah.shape[0])
+            blocks_A.append(Ah * wh[:, None])
+            blocks_y.append(yh * wh)
+        if self.use_tau and self.nF >= 3 * self.bin:
+            yF = self.F_y[:self.nF]
+            Af, yf, cf = self._binned(self.F_rows[:self.nF], yF)
+            wf = cf / (self.tau_rel * np.maximum(np.abs(yf), 1e-300)) * self._age_weight(Af.shape[0])
+            blocks_A.append(Af * wf[:, None])
+            blocks_y.append(yf * wf)
+        M = np.concatenate(blocks_A)
+        rhs = np.concatenate(blocks_y)
+        if self.spectrum == "power":
+            return self._refit_power(M, rhs, A.shape[0], s_l)
+        if self.spectrum == "floorpow":
+            return self._refit_floorpow(M, rhs, A.shape[0], s_l)
+        scale = np.maximum(np.linalg.norm(M, axis=0), 1e-300)
+        Ms = M / scale
+        P = Ms.shape[1]
+        if self.ridge > 0:                                   # ridge on the column-normalised a, n (not on L∞)
+            Ms = np.concatenate([Ms, math.sqrt(self.ridge * M.shape[0]) * np.eye(P)[1:]])
+            rhs_r = np.concatenate([rhs, np.zeros(P - 1)])
+        else:
+            rhs_r = rhs
+        try:
+            xs, _ = nnls(Ms, rhs_r, maxiter=50 * P)
+        except RuntimeError:
+            self.ready = False
+            return {"ok": 0.0}
+        theta = xs / scale
+        res = M @ theta - rhs
+        chi2 = float((res[:A.shape[0]] ** 2).mean())          # ≈ 1 for a fit within the loss noise
+        self.theta_np = theta
+        self.theta = torch.from_numpy(theta.copy())
+        self.ready = bool(np.isfinite(theta).all()) and chi2 < self.max_chi2
+        K = self.K
+        e_now = theta[1:1 + K] * self.phi + theta[1 + K:] * self.psi
+        self.diag = {"ok": float(self.ready), "chi2": chi2, "L_inf": float(theta[0]),
+                     "reducible": float(e_now.sum()), "noise_mass": float(theta[1 + K:].sum()),
+                     "loss_noise": s_l}
+        return self.diag
+
+    def _refit_power(self, M: np.ndarray, rhs: np.ndarray, n_loss: int, s_l: float) -> dict:
+        """θ restricted to power-law spectra a_k = A (κ_k/κ_mid)^α, n_k = N (κ_k/κ_mid)^β: NNLS for (L∞, A, N) on
+        every (α, β) of the grid, the best residual wins."""
+        K = self.K
+        r = self.kappa_np / math.sqrt(self.kappa_np[0] * self.kappa_np[-1])
+        best = None
+        for al in self.alphas:
+            pa = r ** al
+            ca = M[:, 1:1 + K] @ pa
+            for be in self.betas:
+                pb = r ** be
+                X = np.stack([M[:, 0], ca, M[:, 1 + K:] @ pb], 1)
+                sc = np.maximum(np.linalg.norm(X, axis=0), 1e-300)
+                x, rn = nnls(X / sc, rhs)
+                if best is None or rn < best[0]:
+                    best = (rn, x / sc, pa, pb, al, be)
+        rn, x, pa, pb, al, be = best
+        theta = np.concatenate([[x[0]], x[1] * pa, x[2] * pb])
+        res = M @ theta - rhs
+        chi2 = float((res[:n_loss] ** 2).mean())
+        self.theta_np = theta
+        self.theta = torch.from_numpy(theta.copy())
+        self.ready = bool(np.isfinite(theta).all()) and chi2 < self.max_chi2
+        e_now = theta[1:1 + K] * self.phi + theta[1 + K:] * self.psi
+        self.diag = {"ok": float(self.ready), "chi2": chi2, "L_inf": float(theta[0]), "alpha": al, "beta": be,
+                     "reducible": float(e_now.sum()), "noise_mass": float(theta[1 + K:].sum()), "loss_noise": s_l}
+        return self.diag
+
+    def _refit_floorpow(self, M: np.ndarray, rhs: np.ndarray, n_loss: int, s_l: float) -> dict:
+        """Free initial masses a_k ≥ 0; noise with a power-law floor spectrum: the equilibrium floor per unit η of
+        mode k, n_k/κ_k, is F (κ_k/κ_mid)^γ (γ on a grid; γ = 0: the floor spread evenly over log-curvature, i.e.
+        over relaxation times).  Residual + gamma_prior·γ²·rows picks γ."""
+        K = self.K
+        r = self.kappa_np / math.sqrt(self.kappa_np[0] * self.kappa_np[-1])
+        best = None
+        nrow = M.shape[0]
+        for ga in self.gammas:
+            pn = self.kappa_np * r ** ga                 # n_k = κ_k · F r_k^γ
+            X = np.concatenate([M[:, :1 + K], (M[:, 1 + K:] @ pn)[:, None]], 1)
+            sc = np.maximum(np.linalg.norm(X, axis=0), 1e-300)
+            Xs = X / sc
+            P = Xs.shape[1]
+            if self.ridge > 0:
+                Xs = np.concatenate([Xs, math.sqrt(self.ridge * nrow) * np.eye(P)[1:]])
+                rr = np.concatenate([rhs, np.zeros(P - 1)])
+            else:
+                rr = rhs
+            x, rn = nnls(Xs, rr, maxiter=50 * P)
+            score = rn ** 2 + self.gamma_prior * ga ** 2 * nrow
+            if best is None or score < best[0]:
+                best = (score, x / sc, pn, ga)
+        _, x, pn, ga = best
+        theta = np.concatenate([x[:1 + K], x[1 + K] * pn])
+        res = M @ theta - rhs
+        chi2 = float((res[:n_loss] ** 2).mean())
+        self.theta_np = theta
+        self.theta = torch.from_numpy(theta.copy())
+        self.ready = bool(np.isfinite(theta).all()) and chi2 < self.max_chi2
+        e_now = theta[1:1 + K] * self.phi + theta[1 + K:] * self.psi
+        self.diag = {"ok": float(self.ready), "chi2": chi2, "L_inf": float(theta[0]), "gamma": ga,
+                     "reducible": float(e_now.sum()), "noise_mass": float(theta[1 + K:].sum()), "loss_noise": s_l}
+        return self.diag
+
+    def state(self) -> torch.Tensor:
+        """e(t): the fitted loss share of every mode now (K,)."""
+        K = self.K
+        return torch.from_numpy(self.theta_np[1:1 + K] * self.phi + self.theta_np[1 + K:] * self.psi)
+
+    # -- forecast -------------------------------------------------------------------------------------------
+    def terminal_loss(self, eta_future: torch.Tensor) -> torch.Tensor:
+        """L̂_T for LRs η_t..η_{T−1} of the remaining steps (1-D, any length ≥ 1): differentiable in eta_future."""
+        K = self.K
+        L_inf, n = self.theta[0], self.theta[1 + K:]
+        e = self.state()
+        eta = eta_future.reshape(-1, 1).to(torch.float64)
+        logf = torch.log((1.0 - eta * self.kappa) ** 2 + 1e-300)              # (n_rem, K)
+        total = logf.sum(0)
+        after = total - logf.cumsum(0)                                          # Σ_{τ'>τ} log f_τ'
+        noise = (eta ** 2 * torch.exp(after)).sum(0)                            # (K,)
+        return L_inf + (e * torch.exp(total) + n * noise).sum()
+
+    def predict_history(self) -> np.ndarray:
+        """The fitted loss at every observed step (diagnostics)."""
+        return self.L_rows[:self.nL] @ self.theta_np
+
+
+
+
+class TrajectoryForecast:
+    """GRAFF's forecast of the loss at the end of the budget (docs/method.md, "The forecast model"): the few-mode
+    surrogate above, fed with the run's own history, created at the first step (when the horizon in steps is
+    known), refitted at every update and rolled out with the planner's future learning rates.
+
+    observe(step, eta, loss, steps_left)   every step: the loss measured at θ_step and the LR the step then used
+    observe_hypergradient(step, value)     at u+1: the measured −⟨g_{u+1}, u_u⟩ = ∂ℓ_{u+1}/∂η_u
+    refit(); ready; terminal_loss(etas)    the fit, whether it passed its checks, L̂_T for the remaining LRs"""
+
+    def __init__(self, lr_init: float):
+        self.lr_init = lr_init
+        self.model: FewModeSurrogate | None = None
+        self.hypergradient: float | None = None
+
+    def observe(self, step: int, eta: float, loss: float, steps_left: float) -> None:
+        if self.model is None:
+            self.model = FewModeSurrogate(self.lr_init, max(int(step + steps_left), 16))
+        self.model.observe(step, eta, loss, self.hypergradient)
+        self.hypergradient = None
+
+    def observe_hypergradient(self, step: int, value: float) -> None:
+        self.hypergradient = value
+
+    def refit(self) -> dict:
+        return self.model.refit() if self.model is not None else {"ok": 0.0}
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and self.model.ready
+
+    def terminal_loss(self, etas: torch.Tensor) -> torch.Tensor:
+        return self.model.terminal_loss(etas).float()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.__dict__ if self.model is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["model"] is not None:
+            self.model = FewModeSurrogate.__new__(FewModeSurrogate)
+            self.model.__dict__.update(state["model"])
+
+
 @dataclass
-class _Pending:
-    """What step t leaves for the hypergradient at step t+1."""
-    eta: torch.Tensor                       # η_t with its graph to W and the encoder
-    readout: torch.Tensor                   # h̄ the token multipliers of step t were decoded from (detached)
-    batch: MicroBatch | None = None         # the sequences of step t used for the token hypergradient (JVP)
-    phi: torch.Tensor | None = None         # their token features (n_j, K)
-    n_tokens: int = 1                       # answer tokens in the whole of step t (the loss's denominator)
+class TokenSample:
+    """What an update step u keeps for the token-multiplier gradient at u+1: its first sequences and their token
+    features, the features of the whole micro-batch they came from (the multipliers are normalised over it), and
+    the answer tokens of the whole step (the loss's denominator)."""
+    batch: MicroBatch                  # the sequences, on the device
+    phi: torch.Tensor                  # (n_s, K) their token features
+    phi_batch: torch.Tensor            # (n_mb, K) the whole micro-batch's features
+    step_tokens: int = 1
+
+
+@dataclass
+class PendingUpdate:
+    """What update step u leaves for the outer update at u+1."""
+    h_bar: torch.Tensor                # h̄_u with its graph to the encoder
+    eta: torch.Tensor                  # η_u with its graph (used by the greedy objective)
+    readout: torch.Tensor              # r_u, detached (the token multipliers' input)
+    tokens: TokenSample | None = None
+
+
+class RegretMeter:
+    """R_T = (L̄_T − L_best) / time_T, logged as planner/regret: L̄_T the running average loss, L_best the lowest
+    step loss so far.  (The minimum of the running average itself would make R_T ≡ 0 while the loss falls.)"""
+
+    def __init__(self):
+        self.total, self.count, self.best = 0.0, 0, math.inf
+
+    def add(self, loss: float) -> None:
+        if math.isfinite(loss):
+            self.total, self.count, self.best = self.total + loss, self.count + 1, min(self.best, loss)
+
+    def value(self, elapsed: float) -> float:
+        return (self.total / self.count - self.best) / max(elapsed, 1e-9) if self.count else 0.0
 
 
 @register("graff")
 class GRAFF(Planner):
-    """GRAFF: a graph-recurrent, budget-aware, differentiable LR planner (SPEC §8).
+    """GRAFF: a graph-recurrent, budget-aware, differentiable LR planner (docs/method.md).
 
-    Choices the seed leaves open, and why:
-    * Nodes are adapter blocks (attention, MLP) per layer plus fully trained modules (see adapter_graph);
-      edges link consecutive blocks and same-kind blocks of consecutive layers.
-    * Curvature Δλ_i: the secant estimate along the update, per block (SecantCurvature): Hessian-free, no extra
-      pass.  λ̂_max, the guard's curvature, is SecantCurvature.lam_max: max(0, EMA[(a−b)/η] / EMA[a]) over the
-      total (`curvature_ema`), held at its last value while EMA[a] ≤ 0: the curvature along the whole update,
-      measured in the geometry of the optimiser in use (for AdamW, along its preconditioned step), so
-      η·λ̂ < 2 is exactly "this step lowers the loss on the quadratic model along u".
-    * H_i: the first-layer logit-lens entropy on a sub-vocabulary (TokenLoss.probe_entropy).  Per token it feeds
-      the token multipliers; its mean H̄_t is a node/edge feature of every node (there is one probe layer).
-    * How m reaches tokens: m_{t,i} multiplies token i's loss in the step after h_t was computed (the loss is
-      Σ_i m_i ℓ_i / n); m has mean 1 over each micro-batch, so it reweights and never rescales.
-    * How gradients reach W: the one-step hypergradient (Baydin et al. 2018).  With θ_{t+1} = θ_t − η_t u_t,
-      ∂L_{t+1}/∂η_t = −⟨g_{t+1}, u_t⟩, a dot product over the adapters after the model's ordinary backward at
-      t+1, pushed through η_t's graph (kept from step t) into W and the encoder: no second backward, no
-      REINFORCE.  For m: u_t ≈ P Σ_i m_i ∇ℓ_{t,i}/n (P Adam's preconditioner, as a diagonal), so
-      ∂L_{t+1}/∂m_{t,i} ≈ −η_t ⟨P g_{t+1}, ∇ℓ_{t,i}⟩ / n for every i at once: one forward-mode JVP of step t's
-      per-token losses in the direction P g_{t+1} (torch.func.jvp, attention on the math kernel, which has
-      forward-mode derivatives), on `jvp_sequences` sequences of step t to bound its cost.  The m term
-      reaches W's token rows only (recomputed with the current W from the stored h̄ and φ: the graph from two
-      steps back would span an update of W); the encoder learns through η.
-    * R_T = (L_T − L_best)/time_T: L_best and time_T do not depend on W, so ∇_W R_T is ∇_W L_T / time_T; the
-      one-step surrogate optimises the newest term of L_T.  The factor 1/time_T (and the running average's
-      1/T) only rescales the gradient, which Adam's normalisation removes; we drop it rather than let the
-      outer step size fade with time.  R_T itself is logged as planner/regret.
-    * Guard: log η_t = log lr_init + W_0·h̄_t is linear in W, so {W : η_t·λ̂_max ≤ γ} is a half-space; W_0 is
-      projected onto it (and onto the safety slab `lr_mult_range`) whenever h_t or λ̂_max changes, after the
-      outer update and before η_t is used.  With `freeze` the projection applies to a per-step copy, so W itself
-      never changes.
-    * h_t is a plain tensor carried across steps (never a parameter); gradients are truncated at one step
-      (h_{t−1} enters the GRU detached).
-    """
+    Every step: η_t = lr_init·exp(W_0·r_t) from the latest state h̄ and the budget left b_t, projected onto the
+    stability guard; token multipliers m_{t,i} from W_{1:K}·r_t and per-token features.
+    Every `update_every` steps (an update step u, then u+1):
+      u    the encoder runs (node features from the curvature, the probe entropy, the budget and the gradient
+           norms) and updates h; the curvature pair (u, u+1) starts; the step's first sequences are kept.
+           Steps u and u+1 are measurement steps: unweighted (m ≡ 1), so that the gradients the planner measures
+           are those of the loss itself.
+      u+1  the pair completes (λ̂, and the one-step hypergradient −⟨g_{u+1}, u_u⟩); the outer update: Adam
+           (`outer_lr`) on W and the encoder against
+             objective=terminal  the forecast loss at the end of the budget L̂_T: a model of the run's own loss
+                                 trajectory, refitted to its history, rolled out with the planner's own future
+                                 η(b) and differentiated (the compute-normalised regret R_T = (L_T − L_best)/T has
+                                 the same gradient up to 1/T, which Adam's normalisation removes)
+             objective=greedy    the next step's loss (∂L_{u+1}/∂η_u = −⟨g_{u+1}, u_u⟩ through η_u's graph): the
+                                 one-step hypergradient, kept as the ablation `ablation-greedy`
+           plus, for the token rows, −η_u⟨P g_{u+1}, ∇ℓ_{u,i}⟩ by central differences on the kept sequences.
+    h_t is a plain tensor carried across steps (never a parameter); its gradient is truncated at one update.
+    With `freeze` W and the encoder never change (the guard still holds, on a per-step copy of W_0)."""
     uses_probe = True
-    learning_paths = ("outer", "token_gradient", "curvature")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.net = GraffNet(self.cfg.hidden_dim, self.cfg.gnn_rounds, self.cfg.use_edges)
-        self.outer = torch.optim.Adam(self.net.parameters(), lr=self.cfg.outer_lr)
-        self.h = torch.zeros(self.graph.n_nodes, self.cfg.hidden_dim)     # h_t: state, not a parameter
+        c = self.cfg
+        self.learning_paths = ("curvature",) if c.freeze else \
+            ("curvature", "outer", "token_gradient") + (("forecast",) if c.objective == "terminal" else ())
+        self.activity = {path: 0 for path in self.learning_paths}
+        self.net = GraffNet(c.hidden_dim, c.gnn_rounds, c.use_edges)
+        self.outer = torch.optim.Adam(self.net.parameters(), lr=c.outer_lr)
         owner, n = _owner_index(self.graph, self.params)
-        self.curv = SecantCurvature(self.params, owner, n, self.cfg.curvature_ema)
-        self.edges = self.graph.edges
-        self.pending: _Pending | None = None
-        self.readout_now = GraffNet.readout(self.h)                      # h̄ the next step's m is decoded from
-        self.jvp_batch: MicroBatch | None = None                         # step t's sequences for the JVP
-        self.jvp_phi: torch.Tensor | None = None                         # their token features φ (n_j, K)
-        self.step_tokens, self.entropy_sum = 0, 0.0                      # answer tokens and Σ H_i this step
-        self.last_m: torch.Tensor | None = None
-        self.loss_sum, self.n_losses, self.best_loss = 0.0, 0, math.inf
-        self.last: dict[str, float] = {}
-        if self.cfg.warm_start_ckpt:
-            self.load_planner(resolve_path(self.cfg.warm_start_ckpt, self.results_dir))
+        self.curv = UpdateCurvature(self.params, owner, n, c.curvature_ema)
+        self.edge = adam_edge(float(self.opt_cfg.betas[0]))
+        self.regret = RegretMeter()
+        self.start_episode()
+        self.pretraining: dict = {}
+        if c.warm_start_ckpt:
+            self.load_planner(resolve_path(c.warm_start_ckpt, self.results_dir))
 
-    # -- checkpoints of the planner alone (warm start / transfer) --------------------------------------------
+    def start_episode(self) -> None:
+        """Forget the run being planned (state, measurements, forecast); keep W, the encoder and Adam's moments."""
+        self.h = torch.zeros(self.graph.n_nodes, self.cfg.hidden_dim)     # h_t: state, not a parameter
+        self.h_bar = torch.zeros(self.cfg.hidden_dim)                    # mean_i h_{t,i}, detached
+        self.curv.reset_pair()
+        self.curv.num_ema = self.curv.den_ema = 0.0
+        self.forecast = TrajectoryForecast(self.lr_init) if self.cfg.objective == "terminal" else None
+        self.pending: PendingUpdate | None = None
+        self.sample: TokenSample | None = None
+        self.readout_now = readout(self.h_bar, 1.0, self.cfg.use_budget)
+        self.entropy_sum, self.step_tokens = torch.zeros(()), 0
+        self.last: dict[str, float] = {}
+
+    # -- checkpoints of the planner alone (warm start and transfer) --------------------------------------------
     def planner_checkpoint(self) -> dict:
         return {"format": GRAFF_FORMAT, "hidden_dim": self.cfg.hidden_dim, "gnn_rounds": self.cfg.gnn_rounds,
-                "net": self.net.state_dict(), "outer": self.outer.state_dict(), "n_nodes": self.graph.n_nodes}
+                "net": self.net.state_dict(), "outer": self.outer.state_dict(), "n_nodes": self.graph.n_nodes,
+                "pretraining": self.pretraining}
 
     def load_planner(self, path: Path) -> None:
         if not path.is_file():
@@ -1051,8 +1405,8 @@ class GRAFF(Planner):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
-            raise UserError(f"GRAFF warm-start checkpoint {path} is not a readable torch file; re-create it with "
-                            f"the pre-training run") from None
+            raise UserError(f"GRAFF warm-start checkpoint {path} is unreadable (truncated or corrupted): delete it "
+                            f"(a file name under the cache is then produced again) or give another") from None
         if not isinstance(state, dict) or state.get("format") != GRAFF_FORMAT:
             raise UserError(f"{path} is not a GRAFF planner checkpoint ({GRAFF_FORMAT}); re-create it with the "
                             f"pre-training run")
@@ -1064,6 +1418,7 @@ class GRAFF(Planner):
         self.outer.load_state_dict(state["outer"])     # Adam's moments carry over...
         for group in self.outer.param_groups:          # ...but the configured outer_lr stays what the run says
             group["lr"] = self.cfg.outer_lr
+        self.pretraining = dict(state.get("pretraining") or {})
 
     def finish(self, results_dir):
         if self.cfg.save_ckpt:
@@ -1072,159 +1427,224 @@ class GRAFF(Planner):
             torch.save(self.planner_checkpoint(), path.with_suffix(".tmp"))
             path.with_suffix(".tmp").replace(path)
 
-    # -- token multipliers (forward of step t) ------------------------------------------------------------
+    # -- which steps do what -----------------------------------------------------------------------------------
+    def is_update_step(self, step: int) -> bool:
+        """Update steps u = 1, 1 + k, 1 + 2k, ... (step 0 has no optimiser momentum to measure with)."""
+        return step >= 1 and (step - 1) % self.cfg.update_every == 0
+
+    def is_measurement_step(self, step: int) -> bool:
+        """u and u + 1: run with m ≡ 1, so the planner measures gradients of the loss itself."""
+        return self.is_update_step(step) or self.is_update_step(step - 1)
+
+    # -- token multipliers (forward of step t) -------------------------------------------------------------------
     def token_features(self, tokens: TokenBatch) -> torch.Tensor:
-        """φ (n, K): z-scored probe entropy and centred relative position (both dimensionless)."""
+        """φ (n, K): z-scored probe entropy and centred relative position (both dimensionless), on the device."""
         ent = tokens.entropy.float() if tokens.entropy is not None else torch.zeros_like(tokens.losses)
         z = (ent - ent.mean()) / ent.std().clamp(min=1e-6) if ent.numel() > 1 else torch.zeros_like(ent)
-        return torch.stack([z, tokens.position.float() - 0.5], -1).cpu()
+        return torch.stack([z, tokens.position.float() - 0.5], -1)
 
     def weigh_tokens(self, tokens):
-        phi = self.token_features(tokens)
-        with torch.no_grad():
-            m = token_multipliers(self.net.W[1:] @ self.readout_now, phi)     # (n,), decoded from h_{t-1}
-        if tokens.index == 0 and self.cfg.jvp_sequences > 0:   # keep the step's first sequences for the JVP
-            keep = min(self.cfg.jvp_sequences, tokens.batch.input_ids.shape[0])
-            self.jvp_batch = tokens.batch.select(slice(0, keep))
-            self.jvp_phi = phi[:self.jvp_batch.n_answer_tokens]
         if tokens.entropy is not None:
-            self.entropy_sum += float(tokens.entropy.sum())
+            self.entropy_sum = self.entropy_sum.to(tokens.entropy.device) + tokens.entropy.float().sum()
         self.step_tokens += tokens.losses.numel()
-        self.last_m = m
-        return m.to(tokens.losses.device)
+        if self.is_measurement_step(tokens.step):
+            if tokens.index == 0 and self.is_update_step(tokens.step) and not self.cfg.freeze:
+                phi = self.token_features(tokens)
+                keep = min(self.cfg.token_sequences, tokens.batch.input_ids.shape[0])
+                sub = tokens.batch.select(slice(0, keep))
+                self.sample = TokenSample(sub, phi[:sub.n_answer_tokens].detach(), phi.detach())
+            return None                                              # a measurement step: m ≡ 1
+        coeffs = (self.net.W[1:].detach() @ self.readout_now).to(tokens.losses.device)
+        return token_multipliers(coeffs, self.token_features(tokens))
 
-    # -- after backward of step t (g_t in .grad) ---------------------------------------------------------
+    # -- after the backward of step t (raw g_t in .grad) ------------------------------------------------------
     def plan(self, ctx):
-        paired = self.curv.observe()                          # λ̂ of the previous update (needs g_t)
-        self.activity["curvature"] += paired
-        outer_norm = self.outer_update() if self.pending is not None and paired else 0.0
+        t, c = ctx.step, self.cfg
+        self.regret.add(ctx.loss)
+        b_t = ctx.budget_left
+        outer_norm = None
+        observed = self.curv.pending and self.curv.observe()       # the pair (u, u+1): λ̂ and the hypergradient
+        if observed:
+            self.activity["curvature"] += 1
+            if self.forecast is not None:
+                self.forecast.observe_hypergradient(t, self.curv.hypergradient)
+            if self.pending is not None and not c.freeze:
+                outer_norm = self.outer_update(ctx, b_t)
         self.pending = None
-        x = self.node_features(ctx)
-        h = self.net.encode(self.h, x, self.edges, self.edge_features(x))
-        readout = GraffNet.readout(h)
-        W0 = self.guarded_eta_row(readout.detach())
-        log_mult = W0 @ readout
-        eta = self.lr_init * torch.exp(log_mult)
+        update = self.is_update_step(t)
+        if update:                                                    # the encoder runs, h moves
+            x = self.node_features(ctx, b_t)
+            h = self.net.encode(self.h, x, self.graph.edges, self.edge_features(x))
+            h_bar = h.mean(0)
+            self.h, self.h_bar = h.detach(), h_bar.detach()
+            self.last.update(entropy_mean=float(x[0, 1]), h_norm=float(self.h.norm()))
+        self.readout_now = readout(self.h_bar, b_t, c.use_budget)
+        W0 = self.guarded_eta_row(self.readout_now)
+        eta = self.lr_init * torch.exp(W0 @ (readout(h_bar, b_t, c.use_budget) if update else self.readout_now))
+        W0 = W0.detach()
         self.eta = float(eta.detach())
-        # this step leaves η_t (with graph) and the sequences it used for m, for the hypergradient at t+1
-        self.pending = _Pending(eta=eta, readout=self.readout_now, batch=self.jvp_batch, phi=self.jvp_phi,
-                                n_tokens=max(self.step_tokens, 1))
-        self.h = h.detach()
-        self.readout_now = readout.detach()
-        self.jvp_batch, self.jvp_phi, self.step_tokens, self.entropy_sum = None, None, 0, 0.0
-        self.track_regret(ctx)
-        m = self.last_m
-        self.last = {"eta": self.eta, "lambda_max": self.curv.lam_max, "lambda_raw": self.curv.lam,
-                     "eta_lambda_max": self.eta * self.curv.lam_max, "outer_grad_norm": outer_norm,
-                     "token_mult_mean": float(m.mean()) if m is not None else 1.0,
-                     "token_mult_std": float(m.std()) if m is not None and m.numel() > 1 else 0.0,
-                     "entropy_mean": float(x[0, 1]), "budget_left": ctx.budget_left,
-                     "w_norm": float(self.net.W.detach().norm()), "h_norm": float(self.h.norm())}
-        self.curv.before_step(self.optimizer)
+        if self.forecast is not None:
+            self.forecast.observe(t, self.eta, ctx.loss, ctx.steps_left)
+        if update:
+            self.pending = PendingUpdate(h_bar, eta, self.readout_now.detach(), self.sample)
+            if self.sample is not None:
+                self.sample.step_tokens = max(self.step_tokens, 1)
+            self.curv.before_step(self.optimizer)
+        self.sample, self.entropy_sum, self.step_tokens = None, torch.zeros(()), 0
+        lam = self.curv.lam_max
+        self.last.update(eta=self.eta, lambda_max=lam, lambda_raw=self.curv.lam, budget_left=ctx.budget_left,
+                         eta_lambda_over_edge=self.eta * lam / self.edge, regret=self.regret.value(ctx.elapsed),
+                         w_budget_rho=float(W0[-3]), w_budget_kappa=float(W0[-2]), w_bias=float(W0[-1]),
+                         w_norm=float(self.net.W.detach().norm()))
+        if outer_norm is not None:
+            self.last["outer_grad_norm"] = outer_norm
         return self.eta
 
     def after_step(self, ctx):
-        self.curv.after_step(self.eta, ctx.grad_scale)
+        if self.is_update_step(ctx.step):
+            self.curv.after_step(self.eta, ctx.grad_scale)
 
     def on_bad_step(self):
         self.curv.reset_pair()
-        self.pending, self.jvp_batch, self.jvp_phi, self.step_tokens, self.entropy_sum = None, None, None, 0, 0.0
+        self.pending, self.sample = None, None
+        self.entropy_sum, self.step_tokens = torch.zeros(()), 0
 
-    def node_features(self, ctx: StepContext) -> torch.Tensor:
-        """x_t (N, 4) from the latest curvature, probe entropy, budget and per-block gradient norms."""
+    def node_features(self, ctx: StepContext, b_t: float) -> torch.Tensor:
+        """x_t (N, 5): per-block stability ratio η·λ̂_i/edge, mean probe entropy H̄_t, b_t and log(b_t + ε_b), and
+        the per-block relative gradient norm (g_t in .grad)."""
         n = self.graph.n_nodes
-        stability = (self.curv.eta * self.curv.lam_blocks / self.cfg.stability_guard).clamp(-5, 5)
-        ent = self.entropy_sum / max(self.step_tokens, 1)                # H̄_t, in [0, 1]
-        budget = ctx.budget_left if self.cfg.use_budget else 0.0
+        stability = (self.curv.eta * self.curv.lam_blocks / self.edge).clamp(-5, 5)
+        ent = float(self.entropy_sum) / max(self.step_tokens, 1)                  # H̄_t in [0, 1]
         with torch.no_grad():
             norms = torch.stack([torch.sqrt(sum((p.grad.float() ** 2).sum() for p in group if p.grad is not None)
                                             + torch.zeros((), device=group[0].device)) for group in self.graph.params])
-            norms = norms.cpu()
-        rel = torch.log(norms.clamp(min=1e-12) / norms.mean().clamp(min=1e-12)).clamp(-5, 5)
-        return torch.stack([stability.float(), torch.full((n,), ent), torch.full((n,), budget), rel.float()], -1)
+        rel = torch.log(norms.clamp(min=1e-12) / norms.mean().clamp(min=1e-12)).clamp(-5, 5).cpu()
+        budget = [b_t, math.log(b_t + BUDGET_EPS)] if self.cfg.use_budget else [0.0, 0.0]
+        return torch.stack([stability.float(), torch.full((n,), ent), torch.full((n,), budget[0]),
+                            torch.full((n,), budget[1]), rel.float()], -1)
 
     def edge_features(self, x: torch.Tensor) -> torch.Tensor:
-        src, dst = self.edges
+        src, dst = self.graph.edges
         return torch.stack([x[src, 0] - x[dst, 0], x[src, 1]], -1)
 
-    def guarded_eta_row(self, readout: torch.Tensor) -> torch.Tensor:
-        """W_0 projected onto {w : lo ≤ log lr_init + w·h̄ ≤ min(hi, log(γ/λ̂_max))}.  In place unless frozen."""
+    def eta_bounds(self) -> tuple[float, float]:
+        """log(η/lr_init) bounds: the safety slab `lr_mult_range` and the guard η·λ̂ ≤ γ·edge/2."""
         lo, hi = (math.log(v) for v in self.cfg.lr_mult_range)
-        if self.curv.lam_max > 0:
-            guard = math.log(self.cfg.stability_guard / (self.curv.lam_max * self.lr_init)) - 1e-4
-            hi = min(hi, guard)
+        lam = self.curv.lam_max
+        if lam > 0:
+            hi = min(hi, math.log(self.cfg.stability_guard * self.edge / 2 / (lam * self.lr_init)) - 1e-4)
             lo = min(lo, hi)    # the guard wins over the safety floor
+        return lo, hi
+
+    def guarded_eta_row(self, r: torch.Tensor) -> torch.Tensor:
+        """W_0 projected onto {w : lo ≤ w·r ≤ hi} (log η linear in W: a slab), in place unless frozen."""
+        lo, hi = self.eta_bounds()
         with torch.no_grad():
-            projected = project_halfspace(self.net.W[0].detach(), readout, lo, hi)
+            projected = project_halfspace(self.net.W[0].detach(), r, lo, hi)
             if not self.cfg.freeze:
                 self.net.W[0].copy_(projected)
         return self.net.W[0] if not self.cfg.freeze else projected
 
-    # -- the outer update (hypergradient) -----------------------------------------------------------------
-    def outer_update(self) -> float:
-        """Adam step on W and the encoder from the one-step hypergradient of L_{t+1} (see class docstring)."""
-        p = self.pending
-        self.pending = None
-        if self.cfg.freeze:
+    # -- the outer update (at u+1) ----------------------------------------------------------------------------
+    def outer_update(self, ctx: StepContext, b_now: float) -> float:
+        """Adam step on W and the encoder from the objective's gradient (class docstring); returns its norm."""
+        p, c = self.pending, self.cfg
+        objective = torch.zeros(())
+        if c.objective == "terminal":
+            self.forecast.refit()
+            if self.forecast.ready:
+                objective = objective + self.forecast.terminal_loss(self.future_etas(p.h_bar, ctx, b_now))
+                self.activity["forecast"] += 1
+        else:                                                          # greedy: ∂L_{u+1}/∂η_u = −⟨g_{u+1}, u_u⟩
+            objective = objective + self.curv.hypergradient * p.eta
+        if p.tokens is not None and p.tokens.phi.numel():
+            coeffs = self.token_coefficients(p.tokens)                # ∂L_{u+1}/∂m_{u,i} (n_s,)
+            m = token_multipliers(self.net.W[1:] @ p.readout, p.tokens.phi_batch.cpu())[: coeffs.numel()]
+            scale = p.tokens.phi_batch.shape[0] / max(coeffs.numel(), 1)          # the sample stands for its batch
+            objective = objective + scale * (coeffs * m).sum()
+            self.activity["token_gradient"] += 1
+        if not objective.requires_grad:
             return 0.0
-        surrogate = -self.curv.b_total * p.eta                       # ∂L_{t+1}/∂η_t = −⟨g_{t+1}, u_t⟩
-        if p.batch is not None and p.phi is not None and p.phi.numel():
-            c = self.token_coefficients(p)                          # ∂L_{t+1}/∂m_{t,i}, detached (n_j,)
-            m = token_multipliers(self.net.W[1:] @ p.readout, p.phi)
-            surrogate = surrogate + (c * m).sum()
         self.outer.zero_grad()
-        surrogate.backward()
-        self.activity["outer"] += 1
+        objective.backward()
         norm = float(torch.sqrt(sum((q.grad ** 2).sum() for q in self.net.parameters() if q.grad is not None)))
         if math.isfinite(norm):
             self.outer.step()
+            self.activity["outer"] += 1
         return norm
 
-    def token_coefficients(self, p: _Pending) -> torch.Tensor:
-        """c_i = −η_t ⟨P g_{t+1}, ∇ℓ_{t,i}⟩ / n via one forward-mode JVP over the kept sequences: (n_j,)."""
-        named = [(n, q) for n, q in self.token_loss.named_parameters() if q.requires_grad]
-        state = self.optimizer.state if self.optimizer is not None else {}
-        beta1, beta2 = self.opt_cfg.betas
-        tangents = {}
-        for name, q in named:
-            g = q.grad if q.grad is not None else torch.zeros_like(q)
-            st = state.get(q, {})
-            if "exp_avg_sq" in st:   # Adam's diagonal preconditioner P = (1−β1)/(1−β1^t) / (√v̂ + ε)
-                t = float(st["step"])
-                vhat = st["exp_avg_sq"] / (1 - beta2 ** t)
-                g = g * ((1 - beta1) / (1 - beta1 ** t)) / (vhat.sqrt() + 1e-8)
-            tangents[name] = g.detach()
-        d = per_token_jvp(self.token_loss, p.batch, tangents).float().cpu()[: p.phi.shape[0]]
-        self.activity["token_gradient"] += 1
-        return -float(p.eta.detach()) * d / p.n_tokens
+    def future_etas(self, h_bar: torch.Tensor, ctx: StepContext, b_now: float) -> torch.Tensor:
+        """η of every remaining step of the horizon under the current W (differentiable in W and h̄): b falls
+        linearly from b_now to its value at the horizon's end over ctx.steps_left steps; each η is clamped to the
+        slab and the guard as the projection would."""
+        n = max(int(round(ctx.steps_left)), 1)
+        end = max(ctx.budget_left - (1.0 - ctx.budget_left) / max(ctx.progress, 1e-9) * (1.0 - ctx.progress),
+                  0.0) if ctx.progress > 0 else 0.0
+        b = torch.linspace(b_now, end, n + 1, dtype=torch.float32)[1:]
+        lo, hi = self.eta_bounds()
+        log_mult = (readout(h_bar, b, self.cfg.use_budget) @ self.net.W[0]).clamp(lo, hi)
+        return self.lr_init * torch.exp(log_mult)
 
-    def track_regret(self, ctx: StepContext) -> None:
-        """R_T = (L̄_T − L_best) / time_T: L̄_T the running average loss, L_best the lowest step loss so far.
-
-        (The minimum of the running average itself would make R_T ≡ 0 while the loss falls: uninformative.)
-        """
-        if math.isfinite(ctx.loss):
-            self.loss_sum += ctx.loss
-            self.n_losses += 1
-            self.best_loss = min(self.best_loss, ctx.loss)
-        avg = self.loss_sum / max(self.n_losses, 1)
-        self.last_regret = (avg - self.best_loss) / max(ctx.elapsed, 1e-9) if self.n_losses else 0.0
+    def token_coefficients(self, sample: TokenSample) -> torch.Tensor:
+        """c_i = ∂L_{u+1}/∂m_{u,i} = −η_u·clip_u·⟨P g_{u+1}, ∇ℓ_{u,i}(θ_u)⟩ / n_u for the kept tokens: (n_s,), by
+        central differences of the per-token losses at θ_u ± δ·P g_{u+1} (two no-grad forwards of the kept
+        sequences; `per_token_jvp` is the exact product the tests compare with)."""
+        direction = preconditioned_gradient(self.params, self.optimizer)
+        d = finite_difference_jvp(self.token_loss, self.params, self.curv.theta_t, direction, sample.batch,
+                                  FD_STEPS * self.curv.eta)
+        return (-self.curv.eta * self.curv.grad_scale * d / sample.step_tokens).float().cpu()[: sample.phi.shape[0]]
 
     def log(self):
-        return {**self.last, "regret": getattr(self, "last_regret", 0.0)}
+        return dict(self.last)
 
     def state_dict(self):
-        return {"planner": self.planner_checkpoint(), "h": self.h, "curv": self.curv.state_dict(),
-                "readout_now": self.readout_now,
-                "regret": [self.loss_sum, self.n_losses, self.best_loss]}
+        return {"planner": self.planner_checkpoint(), "h": self.h, "h_bar": self.h_bar,
+                "curv": self.curv.state_dict(), "regret": vars(self.regret).copy(),
+                "forecast": self.forecast.state_dict() if self.forecast is not None else None}
 
     def load_state_dict(self, state):
         self.net.load_state_dict(state["planner"]["net"])
         self.outer.load_state_dict(state["planner"]["outer"])
-        self.h = state["h"]
-        self.readout_now = state["readout_now"]
+        self.h, self.h_bar = state["h"], state["h_bar"]
         self.curv.load_state_dict(state["curv"])
-        self.loss_sum, self.n_losses, self.best_loss = state["regret"]
+        vars(self.regret).update(state["regret"])
+        if self.forecast is not None and state["forecast"] is not None:
+            self.forecast.load_state_dict(state["forecast"])
+
+
+def preconditioned_gradient(params: Sequence[nn.Parameter], optimizer) -> list[torch.Tensor]:
+    """P g: the gradient in .grad times AdamW's diagonal preconditioner 1/(√v̂ + ε) (the gradient itself where
+    there is no Adam state)."""
+    groups = {id(q): g for g in optimizer.param_groups for q in g["params"]} if optimizer is not None else {}
+    out = []
+    for p in params:
+        g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        d = preconditioner_inverse(p, optimizer, groups.get(id(p)))
+        out.append(g / d if d is not None else g)
+    return out
+
+
+@torch.no_grad()
+def finite_difference_jvp(token_loss: TokenLoss, params: Sequence[nn.Parameter], theta: Sequence[torch.Tensor],
+                          direction: Sequence[torch.Tensor], batch: MicroBatch, delta: float) -> torch.Tensor:
+    """d_i ≈ ⟨direction, ∇ℓ_i(θ)⟩ for every answer token i of `batch`: (ℓ_i(θ + δ·dir) − ℓ_i(θ − δ·dir)) / 2δ,
+    two no-grad forwards in eval mode (no dropout).  The parameters are restored bit for bit afterwards."""
+    saved = [p.detach().clone() for p in params]
+    was_training = token_loss.training
+    token_loss.eval()
+    try:
+        out = []
+        for sign in (1.0, -1.0):
+            for p, base, d in zip(params, theta, direction):
+                p.copy_(base + sign * delta * d.to(base.dtype))
+            with token_loss.no_probe():
+                out.append(token_loss(batch.input_ids, batch.attention_mask, batch.answer_mask,
+                                      checkpoint_head=False).double())
+        return ((out[0] - out[1]) / (2.0 * delta)).float()
+    finally:
+        for p, s in zip(params, saved):
+            p.copy_(s)
+        token_loss.train(was_training)
 
 
 def per_token_jvp(lm: TokenLoss, batch: MicroBatch, tangents: dict[str, torch.Tensor]) -> torch.Tensor:

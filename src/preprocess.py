@@ -306,6 +306,9 @@ def load_rows(ds_cfg, split: str, streaming: bool):
         return datasets.load_dataset(path, split=split, streaming=streaming, cache_dir=cache, **kwargs)
     except Exception as err:
         if path == "json":
+            if Path(kwargs["data_files"][split]).stat().st_size == 0:
+                raise UserError(f"{kwargs['data_files'][split]} is empty: give a GSM8K-format JSONL file (one "
+                                f"{{\"question\", \"answer\"}} object per line)") from None
             first = (str(err).splitlines() or [type(err).__name__])[0][:200]
             raise UserError(f"{kwargs['data_files'][split]}: not a readable GSM8K-format JSONL file ({first}); fix or "
                             f"replace it (one {{\"question\", \"answer\"}} object per line)") from None

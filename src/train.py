@@ -1,14 +1,15 @@
 """The training run: LoRA fine-tuning under a budget, with the learning rate from a planner.
 
+Metric names and the AUC come from src/evaluate.py (defined once there; it reads them back from W&B).
+
 Sections
-  1. Metric names (shared with evaluate.py, which reads them back from W&B)
-  2. The budget: B, its clock, the step-time estimate, the final evaluation's reserve, the marks
-  3. Tracking: Weights & Biases online, offline, or disabled
-  4. Energy and memory
-  5. Evaluation: batched greedy generation and exact match
-  6. Checkpoints: resume after a crash, refused across experiments
-  7. One optimiser step
-  8. The recipe: setup -> train (the loop) -> evaluate / checkpoint -> summarise; train(cfg) runs it
+  1. The budget: B, its clock, the step-time estimate, the final evaluation's reserve, the marks
+  2. Tracking: Weights & Biases online, offline, or disabled
+  3. Energy and memory
+  4. Evaluation: batched greedy generation and exact match
+  5. Checkpoints: resume after a crash, refused across experiments
+  6. One optimiser step
+  7. The recipe: setup -> train (the loop) -> evaluate / checkpoint -> summarise; train(cfg) runs it
 
 The budget B (`training.budget_minutes`) is wall-clock.  The clock starts when the model, data and planner are
 ready (start-up, imports, model and data loading, and W&B start-up are not counted) and counts every training
@@ -38,49 +39,20 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from src.evaluate import (AUC, BEST_EM, BUDGET_LEFT, BUDGET_MINUTES, BUDGET_STEPS, BUDGET_UNIT, CONTAM_EM,
+                          CONTAM_EM_FLEX, CONTAM_PROBLEMS, DATA_DEVICE, DATA_EPOCHS, DATA_SKIPPED_BAD,
+                          DATA_SKIPPED_LONG, ELAPSED, EM, EM_FLEX, ENERGY, ENERGY_AVAILABLE, ENERGY_SOURCE, EPOCH,
+                          EVAL_AT, EVAL_DURATION, EVAL_LOSS, EVAL_N_PROBLEMS, EVAL_PROBLEMS, EVAL_SPLIT, FINAL_CORRECT,
+                          FINAL_ELAPSED, FINAL_EM, FINAL_EM_FLEX, FINAL_LOSS, FINAL_MODEL_TIME, GRAD_NORM, LOSS, LR,
+                          MEAN_STEP_TIME, MEMORY_KIND, MODEL_PARAMS, MODEL_TRAINABLE, PEAK_MEM, PLANNER_FRACTION,
+                          PLANNER_PREFIX, PLANNER_TIME, PROBLEM_DIGEST, SKIPPED, SPEED_PROBE, STATUS, STEP_TIME, STEPS,
+                          TOKENS_PER_S, auc_over_budget, em_at_mark)
 from src.model import StepContext, TokenBatch, answer_positions, build_model, build_planner, quiet_libraries
 from src.preprocess import (PromptFormat, TrainStream, UserError, collate, generation_batches, load_problems,
                             percent, problem_set_digest, read_jsonl_problems, score_completions)
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Metric names
-# ----------------------------------------------------------------------------------------------------
-# History (every step): train/*, time/*, memory/*, energy/*, planner/*.  History (every evaluation): eval/*.
-LOSS, LR, GRAD_NORM, TOKENS_PER_S = "train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"
-STEP_TIME, SKIPPED, EPOCH = "train/step_time_s", "train/skipped_steps", "train/epoch"
-PLANNER_TIME, PLANNER_FRACTION = "train/planner_time_s", "train/planner_fraction"   # the planner's own cost
-ELAPSED, BUDGET_LEFT = "time/elapsed_s", "time/budget_left"
-EM, EM_FLEX = "eval/exact_match", "eval/exact_match_flexible"          # strict (primary) and flexible, percent
-EVAL_AT, EVAL_DURATION = "eval/model_time_s", "eval/duration_s"          # clock time of the evaluated model
-EVAL_PROBLEMS = "eval/problems"                                          # problems in this evaluation
-CONTAM_EM, CONTAM_EM_FLEX = "contamination/exact_match", "contamination/exact_match_flexible"
-ENERGY, PEAK_MEM = "energy/joules", "memory/peak_gib"
-# Summary (final values)
-FINAL_EM, FINAL_EM_FLEX = "final/exact_match", "final/exact_match_flexible"
-BEST_EM, AUC = "best/exact_match", "final/auc_em_over_b"
-FINAL_CORRECT, PROBLEM_DIGEST = "final/correct_strict", "final/problem_digest"
-
-
-def em_at_mark(minutes: int) -> str:
-    return f"final/em_at_{minutes}min"
-
-
-def auc_over_budget(points: list[tuple[float, float]], budget_s: float) -> float:
-    """(1/B)∫_0^B EM(t) dt, EM linear between evaluations (t = clock time of the evaluated model) and held at its
-    last value until B.  Percent."""
-    if not points:
-        return math.nan
-    pts = sorted(points)
-    area, (t_prev, e_prev) = pts[0][0] * pts[0][1], pts[0]
-    for t, e in pts[1:]:
-        area += (t - t_prev) * (e + e_prev) / 2
-        t_prev, e_prev = t, e
-    area += max(budget_s - t_prev, 0.0) * e_prev
-    return area / budget_s
-
-
-# ----------------------------------------------------------------------------------------------------
-# 2. The budget
+# 1. The budget
 # ----------------------------------------------------------------------------------------------------
 class Budget:
     """B and the questions the loop asks about it.
@@ -181,7 +153,7 @@ class Budget:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Tracking
+# 2. Tracking
 # ----------------------------------------------------------------------------------------------------
 def wandb_key_available() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -289,7 +261,7 @@ def _is_nan(v) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Energy and memory
+# 3. Energy and memory
 # ----------------------------------------------------------------------------------------------------
 class EnergyMeter:
     """Joules used by the GPU since start: NVML's energy counter, or power sampled every 5 s (trapezoid) where the
@@ -347,14 +319,14 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Evaluation
+# 4. Evaluation
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class EvalResult:
     strict: list[bool]
     flexible: list[bool]
     duration_s: float
-    loss: float = math.nan          # teacher-forced mean answer-token loss (final evaluation only)
+    loss: float = math.nan          # teacher-forced mean answer-token loss on the same problems
 
     @property
     def em(self) -> float:
@@ -395,6 +367,12 @@ def generate_and_score(peft_model, tokenizer, batches, problems, max_new_tokens:
     return score_completions(completions, problems)
 
 
+def loss_batches(fmt: PromptFormat, problems, batch_size: int) -> list:
+    """The problems with their reference solutions as padded batches, for the teacher-forced loss."""
+    examples = fmt.encode_examples(problems)
+    return [collate(examples[i:i + batch_size], fmt.tokenizer.pad_token_id) for i in range(0, len(examples), batch_size)]
+
+
 @torch.no_grad()
 def mean_answer_loss(token_loss, batches, autocast) -> float:
     """Teacher-forced mean loss over the answer tokens of `batches` (the loss at B, a lower-variance metric)."""
@@ -409,7 +387,7 @@ def mean_answer_loss(token_loss, batches, autocast) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Checkpoints
+# 5. Checkpoints
 # ----------------------------------------------------------------------------------------------------
 # Keys that do not change what a run trains or how it is measured: a resume may differ in these.
 NOT_SHAPING = ("run", "mode", "results_dir", "wandb", "optuna", "checkpointing", "trial")
@@ -479,7 +457,7 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. One optimiser step
+# 6. One optimiser step
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class StepResult:
@@ -521,7 +499,8 @@ def optimiser_step(planner, micro_batches, device, autocast, clip: float, ctx: S
             losses = token_loss(mb.input_ids, mb.attention_mask, mb.answer_mask)    # (n,) fp32
         with watch:   # the probe and the token weights are the planner's cost
             tokens = TokenBatch(mb, mb.input_ids[:, 1:][mb.answer_mask[:, 1:]], losses.detach(),
-                                answer_positions(mb.answer_mask), token_loss.probe_entropy(mb.answer_mask), index)
+                                answer_positions(mb.answer_mask), token_loss.probe_entropy(mb.answer_mask), index,
+                                ctx.step)
             weights = planner.weigh_tokens(tokens)                                  # m_{t,i} or None
         weighted = (losses * weights).sum() if weights is not None else losses.sum()
         (weighted / n_total).backward()
@@ -578,7 +557,7 @@ def speed_probe(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. The recipe
+# 7. The recipe
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class RunOutcome:
@@ -633,9 +612,6 @@ class Recipe:
         self.contamination = read_jsonl_problems(Path(cfg.dataset.contamination_path), "dataset.contamination_path") \
             if cfg.dataset.contamination_path else None
         self.dev_batches = generation_batches(fmt, self.dev, e.batch_size, cfg.dataset.max_tokens)
-        examples = fmt.encode_examples(self.dev)
-        self.loss_batches = [collate(examples[i:i + t.micro_batch_size], fmt.tokenizer.pad_token_id)
-                             for i in range(0, len(examples), t.micro_batch_size)]
         # Periodic evaluations (and the one at step 0) may use a fixed random subset, to spend less of the budget
         # on evaluation; the evaluations at the marks and at the end always use the whole dev split.
         subset = sorted(random.Random(0).sample(range(len(self.dev)), e.periodic_problems)) \
@@ -645,6 +621,8 @@ class Recipe:
             if len(subset) < len(self.dev) else self.dev_batches
         self.contam_batches = generation_batches(fmt, self.contamination, e.batch_size, cfg.dataset.max_tokens) \
             if self.contamination else None
+        self.loss_batches = {"whole": loss_batches(fmt, self.dev, e.batch_size),     # teacher-forced, per evaluation
+                             "subset": loss_batches(fmt, self.periodic_dev, e.batch_size)}
         probe_sample = TrainStream(cfg.dataset, fmt, t.micro_batch_size, cfg.dataset.max_tokens, cfg.seed, 1)
         first = [b for b in (probe_sample.next() for _ in range(16)) if b is not None]
         self.planner = build_planner(self.model, t, results_dir=self.results_dir, trial=cfg.mode == "trial",
@@ -668,16 +646,16 @@ class Recipe:
         self.tracker.start(OmegaConf.to_container(cfg, resolve=True), history=(resume or {}).get("history"))
         self.energy = EnergyMeter(self.device)
         probe_s = speed_probe(self.device)
-        self.tracker.summary({"model/parameters": loaded.n_params, "model/trainable_parameters": loaded.n_trainable,
-                              "budget/minutes": float(t.budget_minutes), "eval/n_problems": len(self.dev),
-                              "budget/unit": "steps" if t.budget_steps else "minutes",
-                              "budget/steps": t.budget_steps, "machine/speed_probe_s": probe_s,
-                              PROBLEM_DIGEST: problem_set_digest(self.dev), "data/device": str(self.device),
+        self.tracker.summary({MODEL_PARAMS: loaded.n_params, MODEL_TRAINABLE: loaded.n_trainable,
+                              BUDGET_MINUTES: float(t.budget_minutes), EVAL_N_PROBLEMS: len(self.dev),
+                              BUDGET_UNIT: "steps" if t.budget_steps else "minutes", BUDGET_STEPS: t.budget_steps,
+                              SPEED_PROBE: probe_s, EVAL_SPLIT: "test",
+                              PROBLEM_DIGEST: problem_set_digest(self.dev), DATA_DEVICE: str(self.device),
                               **self.search_info})
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.energy.source == "none":
-            self.tracker.summary({"energy/available": False})
+            self.tracker.summary({ENERGY_AVAILABLE: False})
         limit, unit = (t.budget_steps, "steps") if t.budget_steps else (60.0 * t.budget_minutes, "seconds")
         self.budget = Budget(limit, unit, self.device, len(self.dev), e.marks_minutes, (resume or {}).get("budget"))
         self.last_ckpt = self.budget.last
@@ -761,10 +739,10 @@ class Recipe:
         row.update({LOSS: result.loss, LR: result.eta, GRAD_NORM: result.grad_norm,
                     TOKENS_PER_S: result.tokens / max(duration, 1e-9), STEP_TIME: duration,
                     PLANNER_TIME: result.planner_s, PLANNER_FRACTION: result.planner_s / max(duration, 1e-9),
-                    EPOCH: self.stream.epoch, "data/skipped_bad_rows": self.stream.skipped_bad,
-                    "data/skipped_long_rows": self.stream.skipped_long, PEAK_MEM: peak_memory_gib(self.device)[0],
+                    EPOCH: self.stream.epoch, DATA_SKIPPED_BAD: self.stream.skipped_bad,
+                    DATA_SKIPPED_LONG: self.stream.skipped_long, PEAK_MEM: peak_memory_gib(self.device)[0],
                     ENERGY: self.energy.joules()})
-        row.update({f"planner/{k}": v for k, v in self.planner.log().items()})
+        row.update({f"{PLANNER_PREFIX}{k}": v for k, v in self.planner.log().items()})
         self.tracker.log(row, step=self.step)
         if now - getattr(self, "_last_print", -math.inf) >= (10 if budget.unit == "seconds" else 50) or self.step == 1:
             self._last_print = now
@@ -775,24 +753,24 @@ class Recipe:
     # -- evaluation -------------------------------------------------------------------------------------------
     def evaluate(self, kind: str) -> EvalResult:
         """Greedy generation and exact match on the dev split (the whole of it at the marks and at the end, the
-        fixed subset at step 0 and periodically); the final one also measures the teacher-forced loss.  Its time
-        is spent from the budget."""
-        final = kind == "final"
+        fixed subset at step 0 and periodically), and the teacher-forced answer loss on the same problems.  Its
+        time is spent from the budget."""
         whole = kind not in ("start", "periodic")
         problems, batches = (self.dev, self.dev_batches) if whole else (self.periodic_dev, self.periodic_batches)
         model_time = self.budget.now()
         with evaluation_mode(self.model, self.planner):
             strict, flexible = generate_and_score(self.model, self.tokenizer, batches, problems,
                                                   self.e.max_new_tokens, self.autocast)
-            loss = mean_answer_loss(self.planner.token_loss, self.loss_batches, self.autocast) if final else math.nan
+            loss = mean_answer_loss(self.planner.token_loss, self.loss_batches["whole" if whole else "subset"],
+                                    self.autocast)
         result = EvalResult(strict, flexible, self.budget.now() - model_time, loss)
         self.budget.record_evaluation(result.duration_s, len(problems))
         self.eval_points.append((self.step, model_time, result.em))
         self.tracker.log({EM: result.em, EM_FLEX: result.em_flexible, EVAL_AT: model_time,
                           EVAL_PROBLEMS: len(problems), EVAL_DURATION: result.duration_s, ELAPSED: self.budget.last,
-                          "eval/loss": loss if final else None}, step=self.step)
+                          EVAL_LOSS: loss}, step=self.step)
         print(f"eval ({kind}) step {self.step} | {model_time:7.1f} | EM strict {result.em:5.1f}% flexible "
-              f"{result.em_flexible:5.1f}% | {result.duration_s:.1f}s" + (f" | loss {loss:.4f}" if final else ""))
+              f"{result.em_flexible:5.1f}% | {result.duration_s:.1f}s" + f" | loss {loss:.4f}")
         if self.on_evaluation is not None:
             self.on_evaluation(self.step, model_time, result.em)
         return result
@@ -823,7 +801,7 @@ class Recipe:
 
     # -- the end ----------------------------------------------------------------------------------------------
     def stop_nonfinite(self):
-        self.tracker.summary({"status": "stopped_nonfinite", "train/steps": self.step, SKIPPED: self.skipped})
+        self.tracker.summary({STATUS: "stopped_nonfinite", STEPS: self.step, SKIPPED: self.skipped})
         self.tracker.finish(exit_code=1)
         self.energy.stop()
         raise NonFiniteTraining(f"{self.cfg.run_id}: {self.bad_in_a_row} consecutive steps had a non-finite loss or "
@@ -834,17 +812,17 @@ class Recipe:
         """The W&B summary (final and best values, marks, AUC, energy, memory), the contamination check (after the
         budget, not counted in it), the planner's own end (its pre-training checkpoint) and the last checkpoint."""
         budget, limit = self.budget, self.budget.limit
-        summary = {FINAL_EM: final.em, FINAL_EM_FLEX: final.em_flexible, "final/loss": final.loss,
-                   "final/elapsed_s": budget.last, "final/model_time_s": self.eval_points[-1][1],
+        summary = {FINAL_EM: final.em, FINAL_EM_FLEX: final.em_flexible, FINAL_LOSS: final.loss,
+                   FINAL_ELAPSED: budget.last, FINAL_MODEL_TIME: self.eval_points[-1][1],
                    BEST_EM: max(e for _, _, e in self.eval_points),
-                   AUC: auc_over_budget([(t, e) for _, t, e in self.eval_points], limit), "train/steps": self.step,
-                   "train/mean_step_time_s": self.train_s / max(self.step - self.skipped, 1), SKIPPED: self.skipped,
-                   FINAL_CORRECT: "".join("1" if c else "0" for c in final.strict), "status": "finished",
-                   "data/epochs_completed": self.stream.epoch, ENERGY: self.energy.joules(),
-                   PEAK_MEM: peak_memory_gib(self.device)[0], "memory/kind": peak_memory_gib(self.device)[1],
-                   "energy/source": self.energy.source,
+                   AUC: auc_over_budget([(t, e) for _, t, e in self.eval_points], limit), STEPS: self.step,
+                   MEAN_STEP_TIME: self.train_s / max(self.step - self.skipped, 1), SKIPPED: self.skipped,
+                   FINAL_CORRECT: "".join("1" if c else "0" for c in final.strict), STATUS: "finished",
+                   DATA_EPOCHS: self.stream.epoch, ENERGY: self.energy.joules(),
+                   PEAK_MEM: peak_memory_gib(self.device)[0], MEMORY_KIND: peak_memory_gib(self.device)[1],
+                   ENERGY_SOURCE: self.energy.source,
                    PLANNER_FRACTION: self.planner_s / self.train_s if self.train_s > 0 else None,
-                   **{f"planner/activity/{k}": v for k, v in self.planner.activity.items()}}
+                   **{f"{PLANNER_PREFIX}activity/{k}": v for k, v in self.planner.activity.items()}}
         for mark in self.e.marks_minutes:
             if budget.unit != "seconds":
                 continue
@@ -857,7 +835,7 @@ class Recipe:
                 strict, flexible = generate_and_score(self.model, self.tokenizer, self.contam_batches,
                                                       self.contamination, self.e.max_new_tokens, self.autocast)
             summary.update({CONTAM_EM: percent(strict), CONTAM_EM_FLEX: percent(flexible),
-                            "contamination/n_problems": len(self.contamination)})
+                            CONTAM_PROBLEMS: len(self.contamination)})
             print(f"contamination set: EM strict {percent(strict):.1f}% flexible {percent(flexible):.1f}% "
                   f"(after the budget; not counted in it)")
         self.tracker.summary(summary)
@@ -867,6 +845,8 @@ class Recipe:
                                              "final_em": final.em, "step": self.step})
         self.tracker.finish()
         self.energy.stop()
+        if self.planner.activity:
+            print("planner learning paths run: " + ", ".join(f"{k} {v}" for k, v in self.planner.activity.items()))
         unit = "s" if budget.unit == "seconds" else " steps"
         print(f"done: {self.step} steps in {budget.last:.1f}{unit} of a {limit:.0f}{unit} budget | final dev EM "
               f"strict {final.em:.2f}% flexible {final.em_flexible:.2f}% ({len(self.dev)} problems)")

@@ -146,7 +146,7 @@ def test_evaluate_writes_every_file_for_the_runs(two_full_runs):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["results_dir=/nonexistent-dir", 'run_ids=["a"]'], "does not exist"),
+    (["results_dir=pyproject.toml", 'run_ids=["a"]'], "is a file, not a folder"),
     (["results_dir=.", "run_ids=[a, b]"], "not a JSON list"),
     (["results_dir=.", 'run_ids={"a": 1}'], "non-empty JSON list"),
     (["results_dir=."], "missing run_ids"),

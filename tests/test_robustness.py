@@ -205,7 +205,7 @@ def _damage(kind: str, tmp_path: Path) -> tuple[list[str], str]:
     train, test = folder / "train.jsonl", folder / "test.jsonl"
     if kind == "train rows empty":
         train.write_text("")
-        words = "no usable training row"
+        words = "train.jsonl is empty"
     elif kind == "train rows truncated":
         _truncate(train, 0.73)
         words = "train.jsonl"

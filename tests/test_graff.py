@@ -1,0 +1,277 @@
+"""GRAFF (docs/method.md): the decoder's budget coefficients, the terminal objective and its gradient, the guard,
+measurement steps, the token-multiplier gradient without a JVP, warm start, frozen W, state."""
+import math
+
+import pytest
+import torch
+
+from src.model import (GRAFF_FORMAT, RegretMeter, StepContext, finite_difference_jvp, per_token_jvp,
+                       preconditioned_gradient, project_halfspace, readout, token_multipliers)
+from src.train import Budget, optimiser_step
+from tests.helpers import random_batch
+
+CPU = torch.device("cpu")
+
+
+def no_autocast():
+    return torch.autocast(device_type="cpu", enabled=False)
+
+
+def run_steps(planner, n, start=0, budget_steps=200, seed=0, check=None, clip=1.0):
+    """n optimiser steps of the real step function on a budget of `budget_steps` steps."""
+    budget = Budget(budget_steps, "steps", CPU)
+    budget.steps_done = start
+    results = []
+    for t in range(start, start + n):
+        budget.last = budget.now()
+        ctx = StepContext(step=t, elapsed=budget.last, budget_left=budget.fraction_left(), progress=budget.progress(),
+                          steps_left=budget.steps_left())
+        results.append(optimiser_step(planner, [random_batch(seed=seed + t)], CPU, no_autocast, clip, ctx))
+        budget.steps_done += 1
+        if check is not None:
+            check(planner)
+    return results
+
+
+class StubForecast:
+    """A forecast whose terminal loss rewards progress (Σ η) and penalises a high LR at the end (the noise floor):
+    the situation in which decaying to the end of the budget is right."""
+    ready = True
+
+    def __init__(self, floor: float):
+        self.floor = floor
+
+    def observe(self, *args):
+        pass
+
+    def observe_hypergradient(self, *args):
+        pass
+
+    def refit(self):
+        return {}
+
+    def terminal_loss(self, etas):
+        return -etas.sum() / etas.numel() + self.floor * etas[-5:].mean() ** 2 / etas.detach().mean()
+
+
+def test_w_and_the_encoder_learn_every_k_steps_and_eta_follows_the_budget_every_step(make_planner):
+    planner, *_ = make_planner("graff", update_every=3, outer_lr=0.05)
+    planner.forecast = StubForecast(floor=50.0)
+    encoder0 = [p.detach().clone() for p in planner.net.gru.parameters()]
+    w0 = planner.net.W.detach().clone()
+    etas = [r.eta for r in run_steps(planner, 20)]
+    assert planner.activity["outer"] >= 5 and planner.activity["curvature"] >= 5
+    assert not torch.equal(planner.net.W.detach(), w0)
+    assert any(not torch.equal(a, b) for a, b in zip(encoder0, planner.net.gru.parameters()))
+    assert len(set(etas[3:])) == len(etas[3:])                  # η moves every step (b_t does), not only at updates
+
+
+@pytest.mark.parametrize("use_budget", [True, False])
+def test_the_budget_coefficients_learn_a_decay_when_the_end_of_the_budget_pays_for_it(make_planner, use_budget):
+    planner, *_ = make_planner("graff", update_every=2, use_budget=use_budget, outer_lr=0.05)
+    planner.forecast = StubForecast(floor=200.0)
+    run_steps(planner, 40, budget_steps=60)
+    kappa = planner.log()["w_budget_kappa"]
+    if use_budget:
+        assert kappa > 0.2                                      # η(b) = … (b + ε)^κ: a decay to the end
+        b = torch.linspace(1, 0, 11)
+        curve = torch.exp(readout(planner.h_bar, b) @ planner.net.W[0].detach())
+        assert curve[-1] < 0.5 * curve[0]
+    else:
+        assert kappa == 0.0                                     # without the feature W cannot see the budget
+
+
+def test_the_terminal_objective_gradient_matches_a_finite_difference():
+    """∂L̂_T/∂W through the forecast's rollout with the planner's own future η(b; W): autograd against central
+    differences, on a forecast fitted to a synthetic noisy history."""
+    from src.model import FewModeSurrogate
+    g = torch.Generator().manual_seed(0)
+    fc = FewModeSurrogate(0.1, 60, n_modes=6, bin=2)
+    loss = 1.0
+    for t in range(30):
+        eta = 0.1 * (1.0 - 0.5 * t / 30)
+        fc.observe(t, eta, 0.2 + loss + 0.01 * float(torch.randn(1, generator=g)),
+                   -0.5 * loss + 0.05 * float(torch.randn(1, generator=g)))
+        loss *= 0.97
+    fc.refit()
+    assert fc.theta is not None
+    h_bar = torch.randn(4, dtype=torch.float64, generator=g) * 0.3
+    b = torch.linspace(0.5, 0.0, 31, dtype=torch.float64)[1:]
+
+    def forecast(w):
+        return fc.terminal_loss(0.1 * torch.exp(readout(h_bar, b) @ w))
+
+    w = torch.tensor([0.1, -0.2, 0.05, 0.3, 0.3, 0.7, -0.2], dtype=torch.float64, requires_grad=True)
+    forecast(w).backward()
+    fd = torch.zeros_like(w)
+    for i in range(w.numel()):
+        e = torch.zeros_like(w)
+        e[i] = 1e-6
+        with torch.no_grad():
+            fd[i] = (forecast(w + e) - forecast(w - e)) / 2e-6
+    assert torch.allclose(w.grad, fd, rtol=1e-5, atol=1e-9)
+
+
+def test_the_greedy_objective_raises_eta_when_the_loss_keeps_falling_along_the_step(make_planner):
+    from src.model import PendingUpdate
+    planner, *_ = make_planner("graff", objective="greedy", token_sequences=0, stability_guard=2.0)
+    h_bar = torch.randn(planner.cfg.hidden_dim)
+    r = readout(h_bar, 0.5)
+    ctx = StepContext(step=2, elapsed=1, budget_left=0.5, progress=0.5, steps_left=10)
+    for hypergradient, direction in [(-1.0, 1), (+1.0, -1)]:            # −⟨g_{t+1}, u_t⟩ < 0: a larger step helps
+        eta = planner.lr_init * torch.exp(planner.net.W[0] @ r)
+        planner.pending = PendingUpdate(h_bar=h_bar, eta=eta, readout=r)
+        planner.curv.hypergradient = hypergradient
+        before = float(planner.net.W[0].detach() @ r)
+        planner.outer_update(ctx, 0.5)
+        assert (float(planner.net.W[0].detach() @ r) - before) * direction > 0
+
+
+def test_the_guard_holds_every_step_even_when_the_curvature_jumps(make_planner):
+    planner, *_ = make_planner("graff", lr=0.5, update_every=2)
+    edge = planner.edge
+
+    def guard_holds(p):
+        lam = p.curv.lam_max
+        assert lam == 0.0 or p.eta * lam <= 1.9 * edge / 2 * (1 + 1e-5), (p.eta, lam)
+
+    run_steps(planner, 8, check=guard_holds)
+    assert planner.curv.lam_max > 0
+    real_observe = planner.curv.observe
+
+    def jumping_observe():                                      # the estimate jumps 100× between updates
+        ok = real_observe()
+        planner.curv.num_ema = 100.0 * abs(planner.curv.num_ema) + 1.0
+        planner.curv.den_ema = abs(planner.curv.den_ema) + 1e-12
+        return ok
+
+    planner.curv.observe = jumping_observe
+    run_steps(planner, 6, start=8, check=guard_holds)
+
+
+def test_measurement_steps_are_unweighted_and_the_others_reweighted(make_planner):
+    planner, *_ = make_planner("graff", update_every=4, freeze=True)
+    with torch.no_grad():
+        planner.net.W[1:] = 3.0
+    seen = {}
+    real = planner.weigh_tokens
+
+    def spy(tokens):
+        m = real(tokens)
+        seen[tokens.step] = None if m is None else float(m.std())
+        return m
+
+    planner.weigh_tokens = spy
+    run_steps(planner, 10)
+    measured = {t for t in seen if planner.is_measurement_step(t)}
+    assert measured == {1, 2, 5, 6, 9}
+    assert all(seen[t] is None for t in measured) and all(seen[t] > 0.05 for t in seen if t not in measured)
+
+
+def test_token_multipliers_average_to_one_over_their_micro_batch():
+    phi = torch.randn(30, 2)
+    m = token_multipliers(torch.tensor([1.5, -0.7]), phi)
+    assert m.mean().item() == pytest.approx(1.0, abs=1e-6) and m.std() > 0.1
+    assert m.max() / m.min() <= math.exp(4) + 1e-4
+
+
+def test_the_finite_difference_token_products_match_the_exact_jvp_and_restore_the_weights(make_planner):
+    """d_i = ⟨P g, ∇ℓ_i(θ_t)⟩ by two no-grad forwards equals the forward-mode JVP and n separate backward passes."""
+    planner, optimizer, lm, params = make_planner("graff", lr=1e-3)
+    run_steps(planner, 3)                                       # Adam state exists
+    batch = random_batch(n=4, seed=11)
+    losses = lm(batch.input_ids, batch.attention_mask, batch.answer_mask)
+    losses.mean().backward(retain_graph=True)                   # g_{t+1} in .grad
+    direction = preconditioned_gradient(params, optimizer)
+    reference = torch.stack([sum((g * d).sum() for g, d in zip(torch.autograd.grad(losses[i], params,
+                                                                                 retain_graph=True), direction))
+                             for i in range(losses.numel())])
+    theta = [p.detach().clone() for p in params]
+    fd = finite_difference_jvp(lm, params, theta, direction, batch, delta=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(theta, params))           # restored bit for bit
+    names = [n for n, q in lm.named_parameters() if q.requires_grad]
+    exact = per_token_jvp(lm, batch, dict(zip(names, direction)))
+    assert torch.allclose(exact, reference.detach(), rtol=1e-3, atol=1e-6)
+    assert torch.allclose(fd, exact, rtol=1e-2, atol=1e-3 * float(exact.abs().max()))
+
+
+def test_the_token_rows_learn_from_the_one_step_signal(make_planner):
+    planner, *_ = make_planner("graff", update_every=2, token_sequences=4)
+    planner.forecast = StubForecast(floor=0.0)
+    w_tok = planner.net.W[1:].detach().clone()
+    run_steps(planner, 8)
+    assert planner.activity["token_gradient"] >= 3
+    assert not torch.equal(planner.net.W[1:].detach(), w_tok)
+
+
+def test_frozen_w_never_changes_while_the_model_trains(make_planner):
+    planner, optimizer, lm, params = make_planner("graff", freeze=True, update_every=2)
+    w0 = {n: p.detach().clone() for n, p in planner.net.named_parameters()}
+    theta0 = [p.detach().clone() for p in params]
+    run_steps(planner, 8)
+    assert all(torch.equal(w0[n], p) for n, p in planner.net.named_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(theta0, params))
+    assert set(planner.activity) == {"curvature"}
+
+
+def test_a_warm_start_transfers_across_model_sizes_and_keeps_the_configured_outer_lr(make_planner, tmp_path):
+    small, *_ = make_planner("graff", layers=2, update_every=2, outer_lr=0.05, save_ckpt=str(tmp_path / "w.pt"))
+    small.forecast = StubForecast(floor=50.0)
+    run_steps(small, 6)
+    small.finish(tmp_path)
+    big, *_ = make_planner("graff", layers=5, outer_lr=2e-4, warm_start_ckpt=str(tmp_path / "w.pt"))
+    assert big.graph.n_nodes != small.graph.n_nodes
+    for (n, a), (_, b) in zip(small.net.named_parameters(), big.net.named_parameters()):
+        assert torch.equal(a, b), n
+    assert all(g["lr"] == 2e-4 for g in big.outer.param_groups)            # the run's outer_lr, not the saved one
+    assert big.outer.state_dict()["state"].keys() == small.outer.state_dict()["state"].keys()   # Adam's moments
+
+
+def test_a_missing_incompatible_or_unreadable_checkpoint_is_refused(make_planner, tmp_path):
+    from src.preprocess import UserError
+    with pytest.raises(UserError, match="does not exist"):
+        make_planner("graff", warm_start_ckpt=str(tmp_path / "none.pt"))
+    small, *_ = make_planner("graff", save_ckpt=str(tmp_path / "w.pt"))
+    small.finish(tmp_path)
+    assert torch.load(tmp_path / "w.pt")["format"] == GRAFF_FORMAT
+    with pytest.raises(UserError, match="hidden_dim"):
+        make_planner("graff", warm_start_ckpt=str(tmp_path / "w.pt"), hidden_dim=8)
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match="unreadable"):
+        make_planner("graff", warm_start_ckpt=str(tmp_path / "junk.pt"))
+
+
+def test_a_new_episode_forgets_the_run_and_keeps_what_was_learned(make_planner):
+    planner, *_ = make_planner("graff", update_every=2)
+    planner.forecast = StubForecast(floor=50.0)
+    run_steps(planner, 6)
+    w, outer = planner.net.W.detach().clone(), planner.outer.state_dict()["state"]
+    planner.start_episode()
+    assert torch.equal(planner.net.W.detach(), w) and planner.outer.state_dict()["state"].keys() == outer.keys()
+    assert planner.h.abs().sum() == 0 and planner.curv.lam_max == 0.0 and planner.pending is None
+
+
+def test_the_state_survives_a_save_load_round_trip(make_planner):
+    planner, *_ = make_planner("graff", update_every=2)
+    run_steps(planner, 5)
+    state = planner.state_dict()
+    other, *_ = make_planner("graff", seed=3, update_every=2)
+    other.load_state_dict(state)
+    for (n, a), (_, b) in zip(planner.net.named_parameters(), other.net.named_parameters()):
+        assert torch.equal(a, b), n
+    assert torch.equal(planner.h, other.h) and other.curv.lam_max == planner.curv.lam_max
+
+
+def test_the_regret_is_the_running_average_above_the_best_loss_per_unit_of_budget():
+    meter = RegretMeter()
+    for loss in (4.0, 2.0, 3.0):
+        meter.add(loss)
+    assert meter.value(elapsed=4.0) == pytest.approx((3.0 - 2.0) / 4.0)   # L̄_T = 3, L_best = 2, time_T = 4
+
+
+def test_the_projection_onto_the_guard_slab_is_exact():
+    w, x = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.3, -1.0, 1.0])
+    p = project_halfspace(w, x, lo=-10.0, hi=-2.0)
+    assert float(p @ x) == pytest.approx(-2.0)
+    assert torch.allclose(p - w, -(p - w).norm() * x / x.norm())       # moved along the normal only
+    assert torch.equal(project_halfspace(w, x, -10.0, 10.0), w)        # inside: unchanged
