@@ -277,7 +277,7 @@ class WandbConfig:
 
 @dataclass
 class TrialConfig:               # what mode=trial shrinks a run to
-    steps: int = 4                             # optimiser steps: enough for every planner's learning paths to run
+    steps: int = 16                            # optimiser steps: enough for every planner's learning paths to run
     eval_problems: int = 8
     # a warm-started GRAFF run's pre-training, at trial size (a trial that passes gets past the full run's set-up)
     pretrain_overrides: List[str] = field(default_factory=lambda: [

@@ -757,14 +757,14 @@ class Recipe:
         time is spent from the budget."""
         whole = kind not in ("start", "periodic")
         problems, batches = (self.dev, self.dev_batches) if whole else (self.periodic_dev, self.periodic_batches)
-        model_time = self.budget.now()
+        model_time, started = self.budget.now(), time.perf_counter()
         with evaluation_mode(self.model, self.planner):
             strict, flexible = generate_and_score(self.model, self.tokenizer, batches, problems,
                                                   self.e.max_new_tokens, self.autocast)
             loss = mean_answer_loss(self.planner.token_loss, self.loss_batches["whole" if whole else "subset"],
                                     self.autocast)
-        result = EvalResult(strict, flexible, self.budget.now() - model_time, loss)
-        self.budget.record_evaluation(result.duration_s, len(problems))
+        self.budget.record_evaluation(self.budget.now() - model_time, len(problems))   # in the budget's units
+        result = EvalResult(strict, flexible, time.perf_counter() - started, loss)      # wall-clock seconds
         self.eval_points.append((self.step, model_time, result.em))
         self.tracker.log({EM: result.em, EM_FLEX: result.em_flexible, EVAL_AT: model_time,
                           EVAL_PROBLEMS: len(problems), EVAL_DURATION: result.duration_s, ELAPSED: self.budget.last,

@@ -1,0 +1,123 @@
+"""The embedded benchmark: tuning, the comparison over seeds, and a step-matched control, resumable across sittings.
+
+    uv run python bench/embedded_benchmark.py tune  [--arms a,b] [--trials 8]      # phase 1
+    uv run python bench/embedded_benchmark.py eval  [--arms a,b] [--seeds 1-5]     # phase 2
+    uv run python bench/embedded_benchmark.py steps [--arms a,b] [--seeds 1-3] [--budget-steps N]   # phase 3
+    uv run python bench/results_table.py bench/results/embedded/time               # the README's table
+
+Protocol (bench/README.md has the reasons):
+- tune: every arm's main knobs (its run file's `optuna.search_space`: the peak LR for every arm, plus `outer_lr`
+  for GRAFF, the controller's LR for REACTOR) are searched with the project's own Optuna search, the same number
+  of trials at the same budget for every arm, on the validation split (never the test split) and on the tuning
+  seed 100 (never an evaluation seed).  The best values are written to bench/results/embedded/tuning.json; they
+  are then copied into the tiny run files by hand, with a comment naming the study.
+- eval: every arm on every evaluation seed (a seed fixes LoRA initialisation, data order and evaluation subset,
+  so arms are paired), arms interleaved within each seed, one run at a time, the run files as committed.
+- steps: the same arms with a budget of optimiser steps instead of minutes (`training.budget_steps`): every arm
+  gets the same number of steps whatever its overhead, which separates an algorithm's effect from its cost.
+Each finished run's compact record (bench/export_record.py) goes to bench/results/embedded/<phase>/<run_id>.json,
+the files to commit; the W&B records, checkpoints and logs stay under --results (not committed).  A run whose
+record exists is skipped; an interrupted run resumes from its checkpoint when the phase is started again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RECORDS = REPO / "bench" / "results" / "embedded"
+ARMS = ["proposed", "ablation-greedy", "ablation-frozenw", "comparative-1", "comparative-4", "comparative-5",
+        "comparative-6", "comparative-7", "comparative-8"]
+MORE_ARMS = ["ablation-noedges", "ablation-nobudget", "comparative-2", "comparative-3"]   # --arms all adds these
+TUNING_SEED = 100
+SUFFIX = "-iter1-tiny-synthetic"
+
+
+def seeds(text: str) -> list[int]:
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+def uv_python(*args: str, log: Path) -> int:
+    """One process, its output appended to `log` (one run at a time: the machine is the measurement)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        out.write(f"\n$ {' '.join(args)}   # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        out.flush()
+        return subprocess.call(["uv", "run", "python", "-u", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+
+def run_and_record(run_id: str, results: Path, records: Path, overrides: list[str]) -> bool:
+    record = records / f"{run_id}.json"
+    if record.is_file():
+        return False
+    print(f"{time.strftime('%H:%M:%S')} {run_id} {' '.join(overrides)}", flush=True)
+    code = uv_python("-m", "src.main", f"run={run_id}", f"results_dir={results}", "mode=full", "wandb.mode=offline",
+                     *overrides, log=results / "logs" / f"{run_id}.log")
+    if code != 0:
+        print(f"  {run_id} exited with {code}; see {results / 'logs' / (run_id + '.log')}", flush=True)
+        return False
+    uv_python("bench/export_record.py", str(results), str(records), run_id, log=results / "logs" / "export.log")
+    return True
+
+
+def tune(args) -> None:
+    tuning = RECORDS / "tuning.json"
+    done = json.loads(tuning.read_text()) if tuning.is_file() else {}
+    for arm in args.arms:
+        if arm in done:
+            continue
+        run_id = f"{arm}{SUFFIX}-seed{TUNING_SEED}"
+        print(f"{time.strftime('%H:%M:%S')} tuning {arm}: {args.trials} trials", flush=True)
+        command = ["-m", "src.main", f"run={run_id}", f"results_dir={args.results / 'tune'}", "mode=full",
+                   "wandb.mode=offline", f"optuna.n_trials={args.trials}", "optuna.final_run=false"]
+        if uv_python(*command, log=args.results / "tune" / "logs" / f"{arm}.log") != 0:
+            print(f"  tuning {arm} failed; see its log", flush=True)
+            continue
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = f"sqlite:///{(args.results / 'tune' / 'optuna' / (run_id + '.db')).resolve()}"
+        study = optuna.load_study(study_name=run_id, storage=storage)
+        trials = [t for t in study.trials if t.state.name == "COMPLETE"]
+        best = max(trials, key=lambda t: t.value)
+        done[arm] = {"study": run_id, "storage": storage.replace(str(REPO) + "/", ""), "best_value": best.value,
+                     "best_params": best.params, "trials": [{"number": t.number, "value": t.value,
+                                                             "params": t.params} for t in trials],
+                     "command": "uv run python " + " ".join(command), "date": time.strftime("%Y-%m-%d")}
+        RECORDS.mkdir(parents=True, exist_ok=True)
+        tuning.write_text(json.dumps(done, indent=1) + "\n")
+        print(f"  {arm}: best validation EM {best.value:.1f}% with {best.params}", flush=True)
+
+
+def evaluate(args, phase: str, overrides: list[str]) -> None:
+    records = RECORDS / phase
+    for seed in args.seeds:                  # arms interleaved within a seed: drift hits every arm alike
+        for arm in args.arms:
+            run_and_record(f"{arm}{SUFFIX}-seed{seed}", args.results / phase, records, overrides)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=["tune", "eval", "steps"])
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated method tokens, or 'all'")
+    parser.add_argument("--seeds", default="1-5")
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--budget-steps", type=int, default=600)
+    parser.add_argument("--results", type=Path, default=REPO / "results" / "bench")
+    args = parser.parse_args()
+    args.arms = ARMS + MORE_ARMS if args.arms == "all" else args.arms.split(",")
+    args.seeds = seeds(args.seeds)
+    if args.phase == "tune":
+        tune(args)
+    elif args.phase == "eval":
+        evaluate(args, "time", [])
+    else:
+        evaluate(args, "steps", [f"training.budget_steps={args.budget_steps}"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
