@@ -2,7 +2,7 @@
 
 Sections
   1. Errors the user can fix (``UserError``)
-  2. Answer extraction and exact match (lm-evaluation-harness rules)
+  2. Answer extraction and exact match (lm-evaluation-harness rules, stop strings included)
   3. The embedded synthetic GSM8K-format task
   4. Loading rows: hub datasets, local JSONL folders, the synthetic task
   5. Prompts and tokenisation (loss on answer tokens only)
@@ -114,6 +114,24 @@ def exact_match(completion: str, gold: str) -> tuple[bool, bool]:
     flexible = extract_flexible(completion)
     return (strict != INVALID and normalise_answer(strict) == gold,
             flexible != INVALID and normalise_answer(flexible) == gold)
+
+
+# Generation stops where lm-evaluation-harness's gsm8k task (v3.0) stops it: at end-of-sequence or at one of its
+# `until` strings.  A model that has learned the "Question: ... Answer: ..." format often runs on into a new
+# question after its answer; the harness cuts the text at the first stop string before extracting, so the number
+# of an invented follow-up question is never scored.  Generation itself may stop at EOS only; cutting here gives
+# the same score either way.
+STOP_STRINGS = ("Question:", "</s>", "<|im_end|>")
+
+
+def cut_at_stop(completion: str, stops: Sequence[str] = STOP_STRINGS) -> str:
+    """The completion up to (not including) the first occurrence of any stop string."""
+    end = len(completion)
+    for stop in stops:
+        found = completion.find(stop)
+        if found != -1:
+            end = min(end, found)
+    return completion[:end]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -540,8 +558,9 @@ def generation_batches(fmt: PromptFormat, problems: Sequence[Problem], batch_siz
 
 
 def score_completions(completions: Sequence[str], problems: Sequence[Problem]) -> tuple[list[bool], list[bool]]:
-    """Per-problem (strict, flexible) correctness, in the problems' order."""
-    pairs = [exact_match(c, p.gold) for c, p in zip(completions, problems)]
+    """Per-problem (strict, flexible) correctness, in the problems' order, each completion cut at the first stop
+    string as the harness does."""
+    pairs = [exact_match(cut_at_stop(c), p.gold) for c, p in zip(completions, problems)]
     return [s for s, _ in pairs], [f for _, f in pairs]
 
 

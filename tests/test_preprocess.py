@@ -5,9 +5,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from src.preprocess import (INVALID, Problem, PromptFormat, TrainStream, UserError, collate, exact_match,
-                            extract_flexible, extract_strict, generation_batches, gold_answer, normalise_answer,
-                            read_jsonl_problems, synthetic_dir, synthetic_problem, validate_row)
+from src.preprocess import (INVALID, STOP_STRINGS, Problem, PromptFormat, TrainStream, UserError, collate,
+                            cut_at_stop, exact_match, extract_flexible, extract_strict, generation_batches,
+                            gold_answer, normalise_answer, read_jsonl_problems, score_completions, synthetic_dir,
+                            synthetic_problem, validate_row)
 
 
 # --- exact match --------------------------------------------------------------------------------------------------
@@ -36,6 +37,32 @@ def test_extractors_on_edge_cases():
     assert extract_flexible("nothing here") == INVALID
     assert extract_strict("#### -1,200.5") == "-1,200.5"
     assert extract_flexible("costs $1,200 in total") == "$1,200"
+
+
+# A completion that runs on into a new question is cut at the harness's stop strings before either extraction.
+RUN_ON = "2 + 3 = 5\n#### 5\n\nQuestion: Tom has 7 cards. How many?\nAnswer: 7 - 0 = 7\n#### 7"
+
+
+@pytest.mark.parametrize("completion, gold, strict, flexible", [
+    (RUN_ON, "5", True, True),                        # uncut, flexible would take the invented answer 7
+    (RUN_ON, "7", False, False),                      # uncut, flexible would score the invented answer
+    ("The answer is 5.\nQuestion: and 9?", "5", False, True),         # uncut flexible: 9
+    ("#### 4<|im_end|>\n#### 9", "4", True, True),                   # uncut flexible: 9
+    ("so 6 + 2 = 8</s>Question: 3 + 3 = 6", "8", False, True),        # uncut flexible: 6
+    ("Question: 3 + 4 = 7\n#### 7", "7", False, False),              # nothing before the stop string
+    ("#### 12\nThen 13 more", "12", True, False),                    # no stop string: unchanged
+])
+def test_scoring_cuts_at_the_harness_stop_strings(completion, gold, strict, flexible):
+    problem = Problem(0, "q", f"#### {gold}", normalise_answer(gold))
+    assert score_completions([completion], [problem]) == ([strict], [flexible])
+
+
+def test_cut_at_stop_takes_the_first_stop_string():
+    assert STOP_STRINGS == ("Question:", "</s>", "<|im_end|>")   # lm-evaluation-harness gsm8k v3.0 `until`
+    assert cut_at_stop("a</s>b Question: c<|im_end|>") == "a"
+    assert cut_at_stop("a<|im_end|>b</s>") == "a"
+    assert cut_at_stop("no stop here") == "no stop here"
+    assert cut_at_stop("Question: x") == ""
 
 
 def test_gold_answer_of_gsm8k_solutions():
