@@ -2,20 +2,23 @@
 
 Sections
   1. Errors the user can fix (``UserError``)
-  2. Answer extraction and exact match (lm-evaluation-harness rules)
-  3. The embedded synthetic GSM8K-format task
-  4. Loading rows: hub datasets, local JSONL folders, the synthetic task
+  2. Answer extraction and exact match (lm-evaluation-harness rules, stop strings included)
+  3. The embedded synthetic GSM8K-format task (train, validation and test splits; 1 to 4 steps; two lengths)
+  4. Loading rows: hub datasets, local JSONL folders, the synthetic task; the validation split
   5. Prompts and tokenisation (loss on answer tokens only)
-  6. Training stream: shuffling, length bucketing, micro-batches, resumable position
+  6. Training stream: shuffling, length bucketing, micro-batches, resumable position, validation held out
   7. Evaluation problems and generation batches
 
 Every data set, hub or local, is read through Hugging Face ``datasets`` (map-style or streaming), so the
 embedded default exercises the same path as GSM8K.  Rows are validated one by one: a bad training row is
 skipped and counted (the count is logged), a bad evaluation row is refused with its file and line named.
+Three splits are used: training, validation (what a hyperparameter search selects on; never trained on) and the
+evaluation split (``dataset.eval_split``, where the reported metric is measured).
 """
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -116,73 +119,237 @@ def exact_match(completion: str, gold: str) -> tuple[bool, bool]:
             flexible != INVALID and normalise_answer(flexible) == gold)
 
 
+# Generation stops where lm-evaluation-harness's gsm8k task (v3.0) stops it: at end-of-sequence or at one of its
+# `until` strings.  A model that has learned the "Question: ... Answer: ..." format often runs on into a new
+# question after its answer; the harness cuts the text at the first stop string before extracting, so the number
+# of an invented follow-up question is never scored.  Generation itself may stop at EOS only; cutting here gives
+# the same score either way.
+STOP_STRINGS = ("Question:", "</s>", "<|im_end|>")
+
+
+def cut_at_stop(completion: str, stops: Sequence[str] = STOP_STRINGS) -> str:
+    """The completion up to (not including) the first occurrence of any stop string."""
+    end = len(completion)
+    for stop in stops:
+        found = completion.find(stop)
+        if found != -1:
+            end = min(end, found)
+    return completion[:end]
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. The embedded synthetic task
 # ----------------------------------------------------------------------------------------------------
 # Word problems in GSM8K form: a question, one line of working per step, then "#### N".  `difficulty` is the
-# number of arithmetic steps; numbers never go negative.  Deterministic given (seed, sizes, difficulty).
-SYNTHETIC_VERSION = 1   # bump when the generator changes, so cached files are rebuilt
+# number of arithmetic steps (add or take away); numbers never go negative.  A 1-step problem uses numbers up to
+# 20, a longer one operands up to 50 (so a 4-step answer is at most 250): small enough for a ~1 M-parameter model,
+# while each step more is harder (shared/embedded-default.md: 1 step saturates within minutes, 2 steps does not),
+# so a mix of 1 to 4 steps grades exact match at a budget instead of making it all-or-nothing.
+#
+# Two length profiles of the same arithmetic.  "short" is the bare problem (about 20 words of question, one line
+# of working per step), which the embedded model learns on a CPU in minutes.  "gsm8k" dresses it to GSM8K's
+# lengths, for speed measurements that should see the sequence lengths a real run sees: neutral sentences that
+# change no count are added to the question, and each line of working becomes a sentence with GSM8K's calculator
+# annotation ("12+5=<<12+5=17>>17"); the answer stays correct and ends in "#### N".
+SYNTHETIC_VERSION = 2   # bump when the generator changes, so cached files are rebuilt
+LENGTH_PROFILES = ("short", "gsm8k")
+SYNTHETIC_SPLITS = ("train", "validation", "test")   # generated in this order; a later split drops repeats
+
+# Mean lengths of GSM8K's test split (1,319 problems), measured on openai/grade-school-math's
+# grade_school_math/data/test.jsonl: question 46.3 words (whitespace-separated) and 240 characters; solution
+# 52.8 words and 293 characters, calculator annotations included (3.7 lines of working).  Long tails: 90th
+# percentiles 70 and 89 words, 99th 102 and 141.  In Qwen3's tokenizer that is 61 and 124 tokens on average.
+# The train split (7,473 problems) is within 3% of each figure.  The "gsm8k" profile is tuned to these means.
+GSM8K_MEAN_LENGTHS = {"question_words": 46.3, "question_chars": 240.0, "answer_words": 52.8, "answer_chars": 293.0}
+
 _NAMES = [("Max", "he"), ("Lena", "she"), ("Omar", "he"), ("Sofia", "she"), ("Ravi", "he"), ("Mia", "she"),
           ("Tom", "he"), ("Aiko", "she"), ("Ben", "he"), ("Nora", "she"), ("Ivan", "he"), ("Zoe", "she")]
+_POSSESSIVE = {"he": "his", "she": "her"}
 _OBJECTS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps", "cookies"]
-_GAIN = ["finds {n} more", "buys {n} more", "gets {n} more", "is given {n} more"]
-_LOSE = ["loses {n}", "gives away {n}", "sells {n}", "uses {n}"]
+# (present tense for the question, past tense for the gsm8k profile's working)
+_GAIN = [("finds {n} more", "found {n} more"), ("buys {n} more", "bought {n} more"),
+         ("gets {n} more", "got {n} more"), ("is given {n} more", "was given {n} more")]
+_LOSE = [("loses {n}", "lost {n}"), ("gives away {n}", "gave away {n}"), ("sells {n}", "sold {n}"),
+         ("uses {n}", "used {n}")]
+# gsm8k profile: sentences that change no count and hold no number, so the answer is the short problem's
+_QUESTION_FILLERS = [
+    "{Name} lives with {poss} family in a small town near the river.",
+    "{Pronoun} keeps all of the {thing} in a blue box under {poss} bed.",
+    "{Poss} best friend from school also likes to collect {thing}.",
+    "It was a bright and sunny {day} morning when all of this happened.",
+    "{Name} always counts the {thing} very carefully before going to sleep.",
+    "The {thing} are all roughly the same size and shape as each other.",
+    "{Poss} family is planning a long trip to the seaside next summer.",
+    "{Pronoun} would like to show the whole collection to {poss} teacher one day.",
+    "Everyone in {poss} class at school has heard about the {thing} by now.",
+    "{Name} writes everything down in a little green notebook.",
+    "The small shop on the corner of {poss} street opens early on weekdays.",
+    "{Pronoun} does not like to trade {thing} with anyone else in the neighbourhood.",
+    "{Poss} grandmother gave {obj} the idea of starting the collection.",
+    "On {day} the weather turned cold and rainy in the afternoon.",
+]
+# how many filler sentences a question gets: mostly a few, with a tail (GSM8K's questions vary widely in length)
+_FILLER_COUNTS, _FILLER_WEIGHTS = (0, 1, 2, 3, 4, 5, 6, 7), (15, 27, 26, 16, 8, 5, 2, 1)
+_ANSWER_ASIDES = [
+    "The other details in the question do not change how many {thing} {pronoun} has.",
+    "Only the {thing} that {pronoun} gains or gives up change the count.",
+    "We keep track of the total after each change in turn.",
+]
+_ASIDE_PROBABILITY = 0.55
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
 
-def synthetic_problem(rng: random.Random, difficulty: int) -> dict:
+@dataclass(frozen=True)
+class _Story:
+    """One drawn problem before it is put into words: who, what, the start and each step (gain?, n, verbs)."""
+    name: str
+    pronoun: str
+    thing: str
+    start: int
+    steps: tuple[tuple[bool, int, tuple[str, str]], ...]
+
+    def values(self) -> list[int]:
+        """The running total: start, then after each step."""
+        out = [self.start]
+        for gain, n, _ in self.steps:
+            out.append(out[-1] + n if gain else out[-1] - n)
+        return out
+
+
+def _draw_story(rng: random.Random, difficulty: int) -> _Story:
     name, pronoun = rng.choice(_NAMES)
     thing = rng.choice(_OBJECTS)
     top = 20 if difficulty <= 1 else 50
-    value = rng.randint(0, top)
-    sentences = [f"{name} has {value} {thing}."]
-    lines = []
-    for step in range(difficulty):
+    start = value = rng.randint(0, top)
+    steps = []
+    for _ in range(difficulty):
         gain = value == 0 or rng.random() < 0.5
         n = rng.randint(1, top) if gain else rng.randint(0, value)
-        verb = (rng.choice(_GAIN) if gain else rng.choice(_LOSE)).format(n=n)
-        lead = pronoun.capitalize() if step == 0 else f"Then {pronoun}"
-        sentences.append(f"{lead} {verb}.")
-        new = value + n if gain else value - n
-        lines.append(f"{value} {'+' if gain else '-'} {n} = {new}")
-        value = new
-    question = " ".join(sentences) + f" How many {thing} does {pronoun} have now?"
-    return {"question": question, "answer": "\n".join(lines) + f"\n#### {value}"}
+        steps.append((gain, n, rng.choice(_GAIN if gain else _LOSE)))
+        value = value + n if gain else value - n
+    return _Story(name, pronoun, thing, start, tuple(steps))
 
 
-def synthetic_dir(train_size: int, test_size: int, difficulty: int, seed: int) -> Path:
-    """Write (once) and return a folder holding train.jsonl and test.jsonl of the synthetic task.
+def _short_text(story: _Story) -> dict:
+    values = story.values()
+    sentences = [f"{story.name} has {story.start} {story.thing}."]
+    lines = []
+    for i, (gain, n, (present, _)) in enumerate(story.steps):
+        lead = story.pronoun.capitalize() if i == 0 else f"Then {story.pronoun}"
+        sentences.append(f"{lead} {present.format(n=n)}.")
+        lines.append(f"{values[i]} {'+' if gain else '-'} {n} = {values[i + 1]}")
+    question = " ".join(sentences) + f" How many {story.thing} does {story.pronoun} have now?"
+    return {"question": question, "answer": "\n".join(lines) + f"\n#### {values[-1]}"}
 
-    Test questions are drawn first; training questions that repeat a test question's text are dropped, so the
-    test set is unseen text (the arithmetic facts may still overlap, as in any such task)."""
-    key = f"v{SYNTHETIC_VERSION}-d{difficulty}-n{train_size}-t{test_size}-s{seed}"
+
+def _gsm8k_text(story: _Story, rng: random.Random) -> dict:
+    values = story.values()
+    words = {"Name": story.name, "Pronoun": story.pronoun.capitalize(), "pronoun": story.pronoun,
+             "poss": _POSSESSIVE[story.pronoun], "Poss": _POSSESSIVE[story.pronoun].capitalize(),
+             "obj": "him" if story.pronoun == "he" else "her", "thing": story.thing, "day": rng.choice(_DAYS)}
+    sentences = [f"{story.name} has {story.start} {story.thing}."]
+    for i, (_, n, (present, _)) in enumerate(story.steps):
+        lead = story.pronoun.capitalize() if i == 0 else f"Then {story.pronoun}"
+        sentences.append(f"{lead} {present.format(n=n)}.")
+    k = rng.choices(_FILLER_COUNTS, weights=_FILLER_WEIGHTS)[0]
+    for filler in rng.sample(_QUESTION_FILLERS, k):          # anywhere after the opening sentence
+        sentences.insert(rng.randint(1, len(sentences)), filler.format(**words))
+    question = " ".join(sentences) + f" How many {story.thing} does {story.name} have at the end?"
+    lines = [f"{story.name} starts with {story.start} {story.thing}."]
+    for i, (gain, n, (_, past)) in enumerate(story.steps):
+        before, after, op = values[i], values[i + 1], "+" if gain else "-"
+        lines.append(f"After {story.pronoun} {past.format(n=n)}, {story.pronoun} has {before}{op}{n}="
+                     f"<<{before}{op}{n}={after}>>{after} {story.thing}" + ("." if gain else " left."))
+        if rng.random() < _ASIDE_PROBABILITY:
+            lines.append(rng.choice(_ANSWER_ASIDES).format(**words))
+    lines.append(f"So {story.name} has {values[-1]} {story.thing} at the end.")
+    return {"question": question, "answer": "\n".join(lines) + f"\n#### {values[-1]}"}
+
+
+def _synthetic_row(rng: random.Random, difficulty: int, length_profile: str) -> tuple[str, dict]:
+    """(identity, row): the identity is the short question, the same in both profiles, so that the gsm8k
+    profile cannot put a training problem into the test split under different filler."""
+    story = _draw_story(rng, difficulty)
+    short = _short_text(story)
+    return short["question"], (short if length_profile == "short" else _gsm8k_text(story, rng))
+
+
+def synthetic_problem(rng: random.Random, difficulty: int, length_profile: str = "short") -> dict:
+    """One {"question", "answer"} row of `difficulty` arithmetic steps."""
+    return _synthetic_row(rng, difficulty, length_profile)[1]
+
+
+def _check_synthetic(sizes: dict[str, int], difficulties: Sequence[int], length_profile: str) -> None:
+    if not difficulties or any(not isinstance(d, int) or d < 1 for d in difficulties):
+        raise UserError(f"dataset.synthetic.difficulties={list(difficulties)}: give a non-empty list of step "
+                        f"counts ≥ 1, e.g. [1, 2, 3, 4]")
+    if length_profile not in LENGTH_PROFILES:
+        raise UserError(f"dataset.synthetic.length_profile={length_profile}: use one of {', '.join(LENGTH_PROFILES)}")
+    for split, size in sizes.items():
+        if size < (0 if split == "validation" else 1):
+            raise UserError(f"the synthetic {split} split's size is {size}: give dataset.synthetic.{split}_size ≥ 1 "
+                            f"and dataset.validation_size ≥ 0")
+
+
+def synthetic_splits(sizes: dict[str, int], difficulties: Sequence[int], seed: int,
+                     length_profile: str = "short") -> dict[str, list[dict]]:
+    """The train, validation and test rows of the synthetic task, {split: rows}.
+
+    Each split has its own RNG stream derived from `seed` (Python seeds a Random from a string through SHA-512,
+    so the streams are the same on every machine and disjoint in practice).  Difficulties are mixed evenly:
+    each split cycles through `difficulties` and shuffles that plan.  Splits are drawn in the order train,
+    validation, test, and a problem already drawn (by its question, in any split) is drawn again, so each split
+    has exactly its size and validation and test are unseen by training and disjoint from each other."""
+    _check_synthetic(sizes, difficulties, length_profile)
+    taken: set[str] = set()
+    splits = {}
+    for split in SYNTHETIC_SPLITS:
+        rng = random.Random(f"graff-synthetic-{seed}-{split}")
+        plan = [difficulties[i % len(difficulties)] for i in range(sizes[split])]
+        rng.shuffle(plan)
+        rows = []
+        for difficulty in plan:
+            for _ in range(1000):
+                identity, row = _synthetic_row(rng, difficulty, length_profile)
+                if identity not in taken:
+                    break
+            else:   # the space of distinct problems of this difficulty is (nearly) used up
+                raise UserError(f"the synthetic task has too few distinct {difficulty}-step problems for the "
+                                f"sizes asked; lower dataset.synthetic.train_size or add larger difficulties")
+            taken.add(identity)
+            rows.append(row)
+        splits[split] = rows
+    return splits
+
+
+def synthetic_dir(*, train_size: int, validation_size: int, test_size: int, difficulties: Sequence[int],
+                  seed: int, length_profile: str = "short") -> Path:
+    """Write (once) and return a folder holding train.jsonl, validation.jsonl and test.jsonl of the synthetic
+    task (see `synthetic_splits`)."""
+    difficulties = [int(d) for d in difficulties]
+    sizes = {"train": train_size, "validation": validation_size, "test": test_size}
+    key = (f"v{SYNTHETIC_VERSION}-{length_profile}-d{'.'.join(map(str, difficulties))}-n{train_size}"
+           f"-v{validation_size}-t{test_size}-s{seed}")
     folder = CACHE_DIR / "synthetic" / key
-    if (folder / "train.jsonl").is_file() and (folder / "test.jsonl").is_file():
+    if all((folder / f"{split}.jsonl").is_file() for split in SYNTHETIC_SPLITS):
         return folder
-    rng = random.Random(seed)
-    test, seen = [], set()
-    while len(test) < test_size:
-        row = synthetic_problem(rng, difficulty)
-        if row["question"] not in seen:
-            seen.add(row["question"])
-            test.append(row)
-    train, attempts = [], 0
-    while len(train) < train_size and attempts < 50 * train_size:
-        attempts += 1
-        row = synthetic_problem(rng, difficulty)
-        if row["question"] not in seen:
-            train.append(row)
     folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in (("train", train), ("test", test)):
-        tmp = folder / f"{split}.jsonl.tmp"
+    for split, rows in synthetic_splits(sizes, difficulties, seed, length_profile).items():
+        tmp = folder / f"{split}.jsonl.{os.getpid()}.tmp"   # per process: two runs may build the same folder
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(folder / f"{split}.jsonl")
     return folder
 
 
-def synthetic_corpus(n: int = 4000, difficulty: int = 3, seed: int = 12345) -> list[str]:
-    """Text for training the embedded tokenizer: synthetic problems of all difficulties."""
+def synthetic_corpus(n: int = 4000, n_gsm8k: int = 500, difficulties: Sequence[int] = (1, 2, 3, 4),
+                     seed: int = 12345) -> list[str]:
+    """Text for training the embedded tokenizer: `n` short-profile problems of every difficulty in turn, then
+    `n_gsm8k` in the gsm8k profile.  The few gsm8k-profile problems teach the BPE the filler words, so that the
+    gsm8k profile costs about as many tokens per answer as GSM8K does in Qwen3's tokenizer (a GPU speed measurement
+    with the embedded tokenizer then sees realistic lengths), while a short problem gains only ~3% tokens."""
     rng = random.Random(seed)
-    rows = [synthetic_problem(rng, 1 + i % difficulty) for i in range(n)]
+    rows = [synthetic_problem(rng, difficulties[i % len(difficulties)]) for i in range(n)]
+    rows += [synthetic_problem(rng, difficulties[i % len(difficulties)], "gsm8k") for i in range(n_gsm8k)]
     return [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows]
 
 
@@ -252,11 +419,17 @@ def local_split_file(name: str, split: str) -> Path | None:
 
 
 def dataset_source(ds_cfg) -> tuple[str, dict]:
-    """Resolve dataset.name to arguments of datasets.load_dataset: ('json', {data_files}) or (hub name, {})."""
+    """Resolve dataset.name to arguments of datasets.load_dataset: ('json', {data_files}) or (hub name, {}).
+
+    A local folder's validation.jsonl, where there is one, is listed as the split "validation"."""
     if ds_cfg.name == SYNTHETIC:
         syn = ds_cfg.synthetic
-        folder = synthetic_dir(syn.train_size, syn.test_size, syn.difficulty, syn.seed)
-        return "json", {"data_files": {s: str(folder / f"{s}.jsonl") for s in ("train", "test")}}
+        folder = synthetic_dir(train_size=syn.train_size, validation_size=ds_cfg.validation_size,
+                               test_size=syn.test_size, difficulties=syn.difficulties, seed=syn.seed,
+                               length_profile=syn.length_profile)
+        # an empty validation file (validation_size 0) is left out: the JSON builder cannot type an empty split
+        splits = SYNTHETIC_SPLITS if ds_cfg.validation_size > 0 else ("train", "test")
+        return "json", {"data_files": {s: str(folder / f"{s}.jsonl") for s in splits}}
     files = {}
     # Train split first, in a fixed order (a set would make the error message depend on hash seeding).
     for split in dict.fromkeys((ds_cfg.train_split, ds_cfg.eval_split)):
@@ -264,6 +437,9 @@ def dataset_source(ds_cfg) -> tuple[str, dict]:
         if path is not None:
             files[split] = str(path)
     if files:
+        validation = Path(files[ds_cfg.train_split]).with_name(f"{VALIDATION}.jsonl")
+        if validation.is_file():
+            files.setdefault(VALIDATION, str(validation))
         return "json", {"data_files": files}
     return ds_cfg.name, {"name": ds_cfg.config_name}
 
@@ -322,7 +498,13 @@ def load_rows(ds_cfg, split: str, streaming: bool):
 
 
 def load_problems(ds_cfg, split: str, limit: int | None = None) -> list[Problem]:
-    """All (or the first `limit`) problems of an evaluation split, in dataset order; a bad row is refused."""
+    """All (or the first `limit`) problems of an evaluation split, in dataset order; a bad row is refused.
+
+    The split "validation" is the project's validation split (see `validation_problems`), whatever the data set
+    calls its splits."""
+    if split == VALIDATION:
+        problems = validation_problems(ds_cfg)
+        return problems[:limit] if limit else problems
     path, kwargs = dataset_source(ds_cfg)
     if path == "json":   # local file: validate with file and line named
         problems = read_jsonl_problems(Path(kwargs["data_files"][split]), f"{split} split")
@@ -337,6 +519,86 @@ def load_problems(ds_cfg, split: str, limit: int | None = None) -> list[Problem]
         if limit and len(problems) >= limit:
             break
     return problems
+
+
+# The validation split: what a hyperparameter search selects on, never trained on, while the reported metric
+# stays on the evaluation split.  The synthetic task generates one; a local folder may hold validation.jsonl.
+# Otherwise (GSM8K has only train and test) it is held out of the training split: the `validation_size` distinct
+# questions with the smallest SHA-256 of (a fixed salt, the question).  That choice depends on neither the run's
+# seed nor the order of the rows (map-style, shuffled or streamed alike), so every run and every trial of a
+# search holds out the same problems, and TrainStream skips exactly them.
+VALIDATION = "validation"
+HOLDOUT_SALT = "graff-validation-v1"
+_HELD_OUT: dict[str, list[Problem]] = {}   # per data source, train split and size: one pass over the rows
+
+
+def validation_file(ds_cfg) -> Path | None:
+    """The data set's own validation file (synthetic task, local folder with validation.jsonl), else None."""
+    path, kwargs = dataset_source(ds_cfg)
+    if path == "json" and VALIDATION in kwargs["data_files"]:
+        return Path(kwargs["data_files"][VALIDATION])
+    return None
+
+
+def holdout_key(question: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{HOLDOUT_SALT}\x00{question}".encode()).digest(), "big")
+
+
+def held_out_problems(ds_cfg) -> list[Problem]:
+    """The `dataset.validation_size` training questions with the smallest holdout keys, smallest key first.
+
+    One pass over the training split (streamed where dataset.streaming is set) keeps the smallest keys in a
+    bounded heap.  A question repeated in the training split is held out once, and TrainStream skips every copy."""
+    size = ds_cfg.validation_size
+    path, kwargs = dataset_source(ds_cfg)
+    memo = json.dumps([path, kwargs, ds_cfg.train_split, size], sort_keys=True)
+    if memo in _HELD_OUT:
+        return _HELD_OUT[memo]
+    heap: list[tuple[int, Problem]] = []   # (-key, problem): a max-heap of the smallest keys seen so far
+    members: set[int] = set()
+    usable = 0
+    for row in load_rows(ds_cfg, ds_cfg.train_split, streaming=ds_cfg.streaming):
+        checked = validate_row(row)
+        if isinstance(checked, str):
+            continue                       # TrainStream skips it too
+        usable += 1
+        key = holdout_key(checked.question)
+        if key in members:
+            continue
+        if len(heap) < size:
+            heapq.heappush(heap, (-key, checked))
+            members.add(key)
+        elif key < -heap[0][0]:
+            evicted, _ = heapq.heapreplace(heap, (-key, checked))
+            members.discard(-evicted)
+            members.add(key)
+    if usable <= size:
+        raise UserError(f"dataset.validation_size={size} would hold out all {usable} usable rows of the training "
+                        f"split '{ds_cfg.train_split}'; lower dataset.validation_size")
+    chosen = [problem for _, problem in sorted(heap, key=lambda item: -item[0])]
+    _HELD_OUT[memo] = [Problem(i, p.question, p.solution, p.gold) for i, p in enumerate(chosen)]
+    return _HELD_OUT[memo]
+
+
+def validation_problems(ds_cfg) -> list[Problem]:
+    """The validation split: the data set's own file (its first `dataset.validation_size` rows), or the problems
+    held out of the training split."""
+    size = ds_cfg.validation_size
+    if size < 1:
+        raise UserError(f"dataset.validation_size={size}: there is no validation split; set it to the number of "
+                        f"problems to hold out (e.g. 500)")
+    path = validation_file(ds_cfg)
+    if path is not None:
+        return read_jsonl_problems(path, "validation split")[:size]
+    return held_out_problems(ds_cfg)
+
+
+def holdout_questions(ds_cfg) -> frozenset[str]:
+    """The training questions TrainStream must skip: the held-out validation questions, or none where the data
+    set has its own validation file (or validation_size is 0)."""
+    if ds_cfg.validation_size < 1 or validation_file(ds_cfg) is not None:
+        return frozenset()
+    return frozenset(p.question for p in held_out_problems(ds_cfg))
 
 
 def problem_set_digest(problems: Sequence[Problem]) -> str:
@@ -433,17 +695,20 @@ class TrainStream:
     Each epoch reads the split through `datasets` (shuffled map-style, or streamed through a shuffle buffer),
     validates and tokenises rows in pools of `pool` examples, sorts each pool by length and cuts it into
     micro-batches (length bucketing: little padding), then shuffles the micro-batches of the pool.  Rows longer
-    than `max_tokens` are skipped and counted, as are bad rows.  The position (epoch, micro-batches served in the
+    than `max_tokens` are skipped and counted, as are bad rows and rows whose question is in the validation split
+    (`holdout`; by default `holdout_questions(ds_cfg)`, so that no caller can train on it by forgetting it).  The position (epoch, micro-batches served in the
     epoch) is all a checkpoint needs: `skip_to` replays an epoch's order without running the model."""
 
     def __init__(self, ds_cfg, fmt: PromptFormat, micro_batch: int, max_tokens: int, seed: int,
-                 max_epochs: int, pool_batches: int = 64):
+                 max_epochs: int, pool_batches: int = 64, holdout: frozenset[str] | None = None):
         self.ds_cfg, self.fmt, self.micro_batch = ds_cfg, fmt, micro_batch
         self.max_tokens, self.seed, self.max_epochs = max_tokens, seed, max_epochs
         self.pool = micro_batch * pool_batches
         self.pad_id = fmt.tokenizer.pad_token_id
         self.epoch, self.served = 0, 0            # position: epoch, micro-batches served in this epoch
         self.skipped_bad = self.skipped_long = 0  # counted and logged (never silently dropped)
+        self.holdout = holdout_questions(ds_cfg) if holdout is None else holdout
+        self.skipped_validation = 0               # training rows held out as the validation split
         self._iter: Iterator[MicroBatch] | None = None
         self._primed: MicroBatch | None = None
         self.empty = False
@@ -511,6 +776,9 @@ class TrainStream:
             if isinstance(checked, str):
                 self.skipped_bad += 1
                 continue
+            if checked.question in self.holdout:
+                self.skipped_validation += 1
+                continue
             pool.append(checked)
             if len(pool) >= self.pool:
                 yield from self._bucket(pool, rng)
@@ -561,8 +829,9 @@ def generation_batches(fmt: PromptFormat, problems: Sequence[Problem], batch_siz
 
 
 def score_completions(completions: Sequence[str], problems: Sequence[Problem]) -> tuple[list[bool], list[bool]]:
-    """Per-problem (strict, flexible) correctness, in the problems' order."""
-    pairs = [exact_match(c, p.gold) for c, p in zip(completions, problems)]
+    """Per-problem (strict, flexible) correctness, in the problems' order, each completion cut at the first stop
+    string as the harness does."""
+    pairs = [exact_match(cut_at_stop(c), p.gold) for c, p in zip(completions, problems)]
     return [s for s, _ in pairs], [f for _, f in pairs]
 
 
