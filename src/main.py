@@ -103,10 +103,11 @@ class ModelConfig:
 
 @dataclass
 class SyntheticConfig:           # the embedded data set (dataset.name=synthetic); read only then
-    difficulty: int = 2          # arithmetic steps per problem
+    difficulties: List[int] = field(default_factory=lambda: [1, 2, 3, 4])   # arithmetic steps, mixed evenly
     train_size: int = 20000
-    test_size: int = 200
-    seed: int = 0
+    test_size: int = 1000
+    seed: int = 0                # train, validation and test come from three streams derived from it
+    length_profile: str = "short"   # short | gsm8k (GSM8K's question and answer lengths, for speed measurements)
 
 
 @dataclass
@@ -119,6 +120,8 @@ class DatasetConfig:
     streaming: bool = True
     shuffle_buffer: int = 10000
     contamination_path: Optional[str] = None   # optional GSM8K-format JSONL (e.g. GSM1k), evaluated after the budget
+    validation_size: int = 256                 # the validation split (what a search selects on): held out of the
+                                               # training split, or the synthetic task's / a folder's own
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -239,6 +242,7 @@ class TrainingConfig:
 
 @dataclass
 class EvaluationConfig:
+    split: str = "test"                        # test (dataset.eval_split, reported) | validation (a search's trials)
     interval_steps: int = 100                  # periodic evaluations every this many steps (0: none)
     metrics: List[str] = field(default_factory=lambda: ["exact_match"])   # strict and flexible are both logged
     max_problems: Optional[int] = None         # null: the whole split (GSM8K test: 1,319) at the marks and the end
@@ -552,10 +556,16 @@ def validate(cfg: DictConfig, explicit: set[str]) -> None:
     _check(len(cfg.model.lora.target_modules) > 0, "model.lora.target_modules is empty: name the projections")
     _check(cfg.dataset.max_tokens >= 8, "dataset.max_tokens must be ≥ 8")
     _check(cfg.dataset.shuffle_buffer >= 1, "dataset.shuffle_buffer must be ≥ 1")
+    _check(cfg.dataset.validation_size >= 0, "dataset.validation_size must be ≥ 0")
+    _check(e.split in ("test", "validation"), f"evaluation.split={e.split}: use test or validation")
+    _check(e.split == "test" or cfg.dataset.validation_size > 0,
+           "evaluation.split=validation needs dataset.validation_size > 0")
     if cfg.dataset.name == "synthetic":
         syn = cfg.dataset.synthetic
-        _check(syn.difficulty >= 1 and syn.train_size >= 1 and syn.test_size >= 1,
-               "dataset.synthetic: difficulty, train_size and test_size must be ≥ 1")
+        _check(len(syn.difficulties) > 0 and all(d >= 1 for d in syn.difficulties) and syn.train_size >= 1
+               and syn.test_size >= 1, "dataset.synthetic: difficulties must be steps ≥ 1, train_size and test_size ≥ 1")
+        _check(syn.length_profile in ("short", "gsm8k"),
+               f"dataset.synthetic.length_profile={syn.length_profile}: use short or gsm8k")
     if cfg.dataset.contamination_path:
         _check(Path(cfg.dataset.contamination_path).expanduser().is_file(),
                f"dataset.contamination_path={cfg.dataset.contamination_path} does not exist; give a GSM8K-format "

@@ -185,7 +185,7 @@ def normalise_weights(w: torch.Tensor) -> torch.Tensor:
 # 2. Building models
 # ----------------------------------------------------------------------------------------------------
 EMBEDDED = "embedded"
-EMBEDDED_VERSION = 1   # bump when the builder changes, so cached embedded models are rebuilt
+EMBEDDED_VERSION = 2   # bump when the builder or its tokenizer corpus changes, so cached models are rebuilt
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -48,7 +48,7 @@ from src.evaluate import (AUC, BEST_EM, BUDGET_LEFT, BUDGET_MINUTES, BUDGET_STEP
                           PLANNER_PREFIX, PLANNER_TIME, PROBLEM_DIGEST, SKIPPED, SPEED_PROBE, STATUS, STEP_TIME, STEPS,
                           TOKENS_PER_S, auc_over_budget, em_at_mark)
 from src.model import StepContext, TokenBatch, answer_positions, build_model, build_planner, quiet_libraries
-from src.preprocess import (PromptFormat, TrainStream, UserError, collate, generation_batches, load_problems,
+from src.preprocess import (STOP_STRINGS, PromptFormat, TrainStream, UserError, collate, generation_batches, load_problems,
                             percent, problem_set_digest, read_jsonl_problems, score_completions)
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,15 +352,17 @@ def evaluation_mode(model, planner):
 @torch.no_grad()
 def generate_and_score(peft_model, tokenizer, batches, problems, max_new_tokens: int, autocast) -> tuple[list, list]:
     """Greedy completions for every problem, in length-sorted batches (least padding), scored strict and flexible.
-    Generation stops at the end-of-sequence token or `max_new_tokens`."""
+    Generation stops at the end-of-sequence token, at lm-evaluation-harness's GSM8K stop strings or after
+    `max_new_tokens`; scoring cuts each completion at the first stop string, as the harness does."""
     from transformers import GenerationConfig
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, use_cache=True)
+                           pad_token_id=tokenizer.pad_token_id, use_cache=True, stop_strings=list(STOP_STRINGS))
     completions = [""] * len(problems)
     device = next(peft_model.parameters()).device
     for positions, ids, attn in batches:
         with autocast():
-            out = peft_model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen)
+            out = peft_model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen,
+                                      tokenizer=tokenizer)
         texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         for pos, text in zip(positions, texts):
             completions[pos] = text
@@ -608,7 +610,8 @@ class Recipe:
               f"M trainable (LoRA r={cfg.model.lora.r}) | device {self.device}")
         fmt = PromptFormat(loaded.tokenizer)
         self.stream = TrainStream(cfg.dataset, fmt, t.micro_batch_size, cfg.dataset.max_tokens, cfg.seed, t.max_epochs)
-        self.dev = load_problems(cfg.dataset, cfg.dataset.eval_split, e.max_problems)
+        split = cfg.dataset.eval_split if e.split == "test" else "validation"     # a search's trials: validation
+        self.dev = load_problems(cfg.dataset, split, e.max_problems)
         self.contamination = read_jsonl_problems(Path(cfg.dataset.contamination_path), "dataset.contamination_path") \
             if cfg.dataset.contamination_path else None
         self.dev_batches = generation_batches(fmt, self.dev, e.batch_size, cfg.dataset.max_tokens)
@@ -649,7 +652,7 @@ class Recipe:
         self.tracker.summary({MODEL_PARAMS: loaded.n_params, MODEL_TRAINABLE: loaded.n_trainable,
                               BUDGET_MINUTES: float(t.budget_minutes), EVAL_N_PROBLEMS: len(self.dev),
                               BUDGET_UNIT: "steps" if t.budget_steps else "minutes", BUDGET_STEPS: t.budget_steps,
-                              SPEED_PROBE: probe_s, EVAL_SPLIT: "test",
+                              SPEED_PROBE: probe_s, EVAL_SPLIT: e.split,
                               PROBLEM_DIGEST: problem_set_digest(self.dev), DATA_DEVICE: str(self.device),
                               **self.search_info})
         if self.device.type == "cuda":
