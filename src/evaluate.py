@@ -54,6 +54,7 @@ PLANNER_TIME, PLANNER_FRACTION = "train/planner_time_s", "train/planner_fraction
 ELAPSED, BUDGET_LEFT = "time/elapsed_s", "time/budget_left"   # seconds spent; fraction of the budget left, 1 -> 0
 ENERGY, PEAK_MEM = "energy/joules", "memory/peak_gib"
 DATA_SKIPPED_BAD, DATA_SKIPPED_LONG = "data/skipped_bad_rows", "data/skipped_long_rows"
+DATA_SKIPPED_VALIDATION = "data/skipped_validation_rows"      # training rows held out as the validation split
 PLANNER_PREFIX = "planner/"                                   # the planner's internals: planner/<name>
 # History, every evaluation
 EM, EM_FLEX = "eval/exact_match", "eval/exact_match_flexible"          # strict (primary) and flexible, percent

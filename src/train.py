@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 
 from src.evaluate import (AUC, BEST_EM, BUDGET_LEFT, BUDGET_MINUTES, BUDGET_STEPS, BUDGET_UNIT, CONTAM_EM,
                           CONTAM_EM_FLEX, CONTAM_PROBLEMS, DATA_DEVICE, DATA_EPOCHS, DATA_SKIPPED_BAD,
-                          DATA_SKIPPED_LONG, ELAPSED, EM, EM_FLEX, ENERGY, ENERGY_AVAILABLE, ENERGY_SOURCE, EPOCH,
+                          DATA_SKIPPED_LONG, DATA_SKIPPED_VALIDATION, ELAPSED, EM, EM_FLEX, ENERGY, ENERGY_AVAILABLE, ENERGY_SOURCE, EPOCH,
                           EVAL_AT, EVAL_DURATION, EVAL_LOSS, EVAL_N_PROBLEMS, EVAL_PROBLEMS, EVAL_SPLIT, FINAL_CORRECT,
                           FINAL_ELAPSED, FINAL_EM, FINAL_EM_FLEX, FINAL_LOSS, FINAL_MODEL_TIME, GRAD_NORM, LOSS, LR,
                           MEAN_STEP_TIME, MEMORY_KIND, MODEL_PARAMS, MODEL_TRAINABLE, PEAK_MEM, PLANNER_FRACTION,
@@ -743,7 +743,8 @@ class Recipe:
                     TOKENS_PER_S: result.tokens / max(duration, 1e-9), STEP_TIME: duration,
                     PLANNER_TIME: result.planner_s, PLANNER_FRACTION: result.planner_s / max(duration, 1e-9),
                     EPOCH: self.stream.epoch, DATA_SKIPPED_BAD: self.stream.skipped_bad,
-                    DATA_SKIPPED_LONG: self.stream.skipped_long, PEAK_MEM: peak_memory_gib(self.device)[0],
+                    DATA_SKIPPED_LONG: self.stream.skipped_long,
+                    DATA_SKIPPED_VALIDATION: self.stream.skipped_validation, PEAK_MEM: peak_memory_gib(self.device)[0],
                     ENERGY: self.energy.joules()})
         row.update({f"{PLANNER_PREFIX}{k}": v for k, v in self.planner.log().items()})
         self.tracker.log(row, step=self.step)
