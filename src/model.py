@@ -1574,13 +1574,13 @@ class GRAFF(Planner):
         return norm
 
     def future_etas(self, h_bar: torch.Tensor, ctx: StepContext, b_now: float) -> torch.Tensor:
-        """η of every remaining step of the horizon under the current W (differentiable in W and h̄): b falls
-        linearly from b_now to its value at the horizon's end over ctx.steps_left steps; each η is clamped to the
-        slab and the guard as the projection would."""
+        """η of this and every remaining step of the horizon under the current W (differentiable in W and h̄): b
+        falls linearly from b_now to its value at the horizon's end over ctx.steps_left steps; each η is clamped to
+        the slab and the guard as the projection would."""
         n = max(int(round(ctx.steps_left)), 1)
         end = max(ctx.budget_left - (1.0 - ctx.budget_left) / max(ctx.progress, 1e-9) * (1.0 - ctx.progress),
                   0.0) if ctx.progress > 0 else 0.0
-        b = torch.linspace(b_now, end, n + 1, dtype=torch.float32)[1:]
+        b = torch.linspace(b_now, end, n, dtype=torch.float32)              # this step's b, then the rest
         lo, hi = self.eta_bounds()
         log_mult = (readout(h_bar, b, self.cfg.use_budget) @ self.net.W[0]).clamp(lo, hi)
         return self.lr_init * torch.exp(log_mult)

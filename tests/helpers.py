@@ -66,3 +66,24 @@ def inject_nan(monkeypatch, steps) -> None:
             del planner.token_loss.forward
 
     monkeypatch.setattr(tr, "optimiser_step", faulty)
+
+
+# A local stand-in for a hub model: a config-built Qwen3 of the real architecture with two small layers.
+STANDIN_MODEL = ["model.name=embedded", "model.parameter_count=null", "model.embedded.layers=2",
+                 "model.embedded.hidden=256", "model.embedded.heads=4", "model.embedded.kv_heads=2",
+                 "model.embedded.head_dim=64", "model.embedded.intermediate=512"]
+
+
+def gsm8k_folder(folder, train: int = 160, test: int = 16):
+    """A local folder in GSM8K format (question; reasoning lines; '#### N'): a stand-in for openai/gsm8k."""
+    import json
+    import random
+    from pathlib import Path
+    from src.preprocess import synthetic_problem
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(1)
+    for split, n in (("train", train), ("validation", test), ("test", test)):
+        rows = [synthetic_problem(rng, 3) for _ in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder

@@ -15,13 +15,11 @@ from pathlib import Path
 import pytest
 
 from src import main as entry
-from src.preprocess import synthetic_problem
-from tests.helpers import REPO
+
+pytestmark = pytest.mark.integration
+from tests.helpers import REPO, STANDIN_MODEL, gsm8k_folder
 
 RUN_FILES = sorted(p.stem for p in (Path(REPO) / "config" / "runs").glob("*.yaml"))
-STANDIN_MODEL = ["model.name=embedded", "model.parameter_count=null", "model.embedded.layers=2",
-                 "model.embedded.hidden=256", "model.embedded.heads=4", "model.embedded.kv_heads=2",
-                 "model.embedded.head_dim=64", "model.embedded.intermediate=512"]
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +29,7 @@ def results(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gsm8k_standin(tmp_path_factory):
-    """A local folder in GSM8K format (question; reasoning lines; '#### N')."""
-    import random
-    folder = tmp_path_factory.mktemp("gsm8k-standin")
-    rng = random.Random(1)
-    for split, n in (("train", 160), ("test", 16)):
-        rows = [synthetic_problem(rng, 3) for _ in range(n)]
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+    return gsm8k_folder(tmp_path_factory.mktemp("gsm8k-standin"))
 
 
 def standins(run_id: str, data: Path) -> list[str]:

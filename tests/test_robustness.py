@@ -250,6 +250,7 @@ def _history(results, run_id):
     return ev.merge_segments(segments)
 
 
+@pytest.mark.integration
 def test_a_nan_loss_is_skipped_logged_and_the_run_finishes(tmp_path, monkeypatch):
     inject_nan(monkeypatch, {3, 4})
     code = entry.run([f"run=proposed-iter1-tiny-synthetic", f"results_dir={tmp_path}", "mode=full",
@@ -266,6 +267,7 @@ def test_a_nan_loss_is_skipped_logged_and_the_run_finishes(tmp_path, monkeypatch
     assert all(r[tr.LR] > 0 for r in history if tr.LR in r)
 
 
+@pytest.mark.integration
 def test_persistent_nan_stops_with_a_clear_message(tmp_path, monkeypatch):
     inject_nan(monkeypatch, set(range(100)))
     code, out, err = cli([f"run={TINY}", f"results_dir={tmp_path}", "mode=full", "wandb.mode=offline",
@@ -276,6 +278,7 @@ def test_persistent_nan_stops_with_a_clear_message(tmp_path, monkeypatch):
 
 
 # --- determinism --------------------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_same_seed_same_loss_curve_on_cpu(tmp_path):
     curves = []
     for attempt in ("a", "b"):

@@ -11,6 +11,8 @@ from src import evaluate as ev
 from src import main as entry
 from tests.helpers import REPO, inject_nan
 
+pytestmark = pytest.mark.integration
+
 RUN = "comparative-4-iter1-tiny-synthetic"
 SMALL = ["mode=full", "wandb.mode=offline", "training.budget_minutes=0.05", "evaluation.max_problems=16",
          "evaluation.interval_steps=0", "checkpointing.interval_minutes=1"]
