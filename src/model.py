@@ -935,7 +935,7 @@ N_EDGE_FEATURES = 2    # e_ij = [x_i[0] − x_j[0], H̄_t]
 N_TOKEN_FEATURES = 2   # φ_{t,i} = [z-scored probe entropy H_i, relative answer position − 1/2]
 N_READOUT_EXTRA = 3    # r_t = [h̄_t; b_t; log(b_t + ε_b); 1]: the decoder sees the budget directly
 BUDGET_EPS = 0.01      # ε_b: log(b + ε_b) stays finite at the end of the budget (b = 0)
-FD_STEPS = 1.0         # the token products' finite-difference step: one step's worth of movement (δ = η_u)
+FD_STEPS = 0.25        # the token products' finite-difference step δ = FD_STEPS·η_u (a quarter of a step's movement)
 
 
 def adam_edge(beta1: float) -> float:
