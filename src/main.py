@@ -163,6 +163,7 @@ class EvaluationConfig:
     max_new_tokens: int = MISSING
     at_start: bool = MISSING                     # evaluate the untrained model at step 0 (counted in the budget)
     marks_minutes: List[int] = MISSING           # dev EM at these wall-clock marks inside the budget
+    split: str = MISSING                         # test | validation (the trials of a search use validation)
 
 
 @dataclass
