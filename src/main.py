@@ -531,11 +531,11 @@ def validate_knobs(s: DictConfig) -> None:
 
 
 def check_results_dir(path: Path) -> None:
+    import tempfile
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=path):    # a probe of its own: workers starting together share the folder
+            pass
     except OSError as err:
         raise ConfigError(f"results_dir={path} is not writable ({err.strerror}); choose a folder you can write to")
 
