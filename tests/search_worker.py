@@ -10,7 +10,7 @@ $SEARCH_TEST_DIR: run id, pid, evaluation split, W&B mode, checkpointing, learni
   SEARCH_TEST_TRIAL_S        seconds a trial takes (default 0.2)
   SEARCH_TEST_OPEN_TOGETHER  the worker opens the study only once this many workers are ready to: all of them
                              within milliseconds, which is when creating a new database races
-  SEARCH_TEST_BARRIER        a trial waits (60 s at most) until this many workers have started a trial, so that
+  SEARCH_TEST_BARRIER        a trial waits (300 s at most) until this many workers have started a trial, so that
                              every worker runs at least one
   SEARCH_TEST_BLOCK          the trial with this number never ends (the test kills the worker during it)
 """
@@ -27,10 +27,10 @@ from src import main as entry
 DIR = Path(os.environ["SEARCH_TEST_DIR"])
 
 
-def wait_for(enough, limit_s: float = 60.0) -> None:
+def wait_for(enough, limit_s: float = 300.0) -> None:
     deadline = time.time() + limit_s
     while not enough() and time.time() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.001)
 
 
 def fake_train(cfg, on_evaluation=None, search_info=None):

@@ -130,8 +130,11 @@ def test_three_trials_then_one_final_run_logged_to_wandb(tmp_path, capsys, monke
 
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, nan_loss, capsys):
+    # a budget that always leaves room for the two bad steps that stop a trial, however slow this machine is
+    roomy = [a for a in SMALL if not a.startswith("training.budget_minutes")] + [
+        "training.budget_minutes=30", "evaluation.at_start=false", "training.max_bad_steps=2"]
     with pytest.raises(entry.ConfigError, match="no completed trial"):
-        entry.run([f"run={RUN}", f"results_dir={tmp_path}", "optuna.n_trials=2", "training.max_bad_steps=2", *SMALL])
+        entry.run([f"run={RUN}", f"results_dir={tmp_path}", "optuna.n_trials=2", *roomy])
     states = [t.state.name for t in trials(tmp_path)]
     assert states == ["FAIL", "FAIL"] and all("non-finite" in t.user_attrs["error"] for t in trials(tmp_path))
     assert capsys.readouterr().out.count("failed (") == 2
@@ -206,7 +209,8 @@ def test_a_queued_trial_beyond_the_target_is_not_run_and_the_worker_waits_for_th
     other.enqueue_trial({"adapter_lr_init": 0.002})     # trial 2
 
     def other_worker_finishes_trial_1():
-        while not any(t.number == 2 and t.state.name == "FAIL" for t in trials(tmp_path)):
+        deadline = time.time() + 120                    # (a cap, so that a broken search fails instead of hanging)
+        while not any(t.number == 2 and t.state.name == "FAIL" for t in trials(tmp_path)) and time.time() < deadline:
             time.sleep(0.05)
         other.tell(running, 40.0)
 
@@ -243,6 +247,19 @@ def test_a_trial_finished_by_another_worker_meanwhile_is_dropped_and_the_search_
     out = capsys.readouterr().out
     assert "trial 0 was finished by another worker meanwhile" in out
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("trial ")] == ["trial 1"]
+
+
+def test_an_interrupted_trial_runs_again_with_its_parameters_on_the_next_run(tmp_path, fake_train, capsys):
+    fake_train.fail[1] = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        entry.run([f"run={RUN}", f"results_dir={tmp_path}", "optuna.n_trials=3", *SMALL])
+    assert [t.state.name for t in trials(tmp_path)] == ["COMPLETE", "FAIL", "WAITING"]
+    del fake_train.fail[1]
+    assert entry.run([f"run={RUN}", f"results_dir={tmp_path}", "optuna.n_trials=3", *SMALL]) == 0
+    all_trials = trials(tmp_path)
+    assert [t.state.name for t in all_trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert all_trials[2].params == all_trials[1].params and len(counted(all_trials)) == 3
+    assert "trial 2 (retry of trial 1): EM" in capsys.readouterr().out
 
 
 # -- the study file ------------------------------------------------------------------------------------------
@@ -310,13 +327,15 @@ def finish(workers, limit_s=600):
         if any(w.poll() not in (None, 0) for w in workers):
             break
         time.sleep(0.2)
-    for worker in workers:
-        if worker.poll() is None:
-            worker.kill()
+    stopped = [w for w in workers if w.poll() is None]
+    for worker in stopped:
+        worker.kill()
         worker.wait()
     outputs = [(w.files[0].read_text(), w.files[1].read_text()) for w in workers]
-    for worker, (out, err) in zip(workers, outputs):
-        assert worker.returncode == 0 and err == "", f"exit {worker.returncode}\n{err}\n{out[-3000:]}"
+    report = "\n".join(f"worker {i}: " + ("stopped by the test" if w in stopped else f"exit {w.returncode}")
+                       + f"\n{err}{out[-2000:]}" for i, (w, (out, err)) in enumerate(zip(workers, outputs))
+                       if w in stopped or w.returncode != 0 or err)
+    assert not report, report
     return [out for out, _ in outputs]
 
 
