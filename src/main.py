@@ -21,13 +21,14 @@ from __future__ import annotations
 import difflib
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
+import random
 import re
 import socket
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -268,6 +269,7 @@ class OptunaConfig:
     study_name: Optional[str] = None           # null: the run id
     pruner: str = "none"                       # none | median (pruning on early EM biases a budget comparison)
     heartbeat_s: int = 30                      # a trial whose worker is silent for 4x this long is failed and retried
+    final_run: bool = True                     # after the trials, one run with the best values (false: tuning only)
 
 
 @dataclass
@@ -632,11 +634,11 @@ def validate(cfg: DictConfig, explicit: set[str]) -> None:
 
 
 def check_results_dir(path: Path) -> None:
+    import tempfile
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=path):    # a probe of its own: workers starting together share the folder
+            pass
     except OSError as err:
         raise ConfigError(f"results_dir={path} is not writable ({err.strerror}); choose a folder you can write to")
 
@@ -729,6 +731,20 @@ def prepare_warm_start(cfg: DictConfig) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # 6. Optuna search
 # ----------------------------------------------------------------------------------------------------
+# One persistent study per run id, in a database that every worker started with the same command shares (several
+# processes, or several machines with a server database).  Optuna runs the trials (Study.optimize), records a
+# heartbeat for each running trial, and fails a trial whose heartbeat stopped (its worker died), which is then
+# queued again with the same parameters.  What Optuna leaves to its caller is done here: creating a new database
+# safely when several workers start at once, stopping at exactly n_trials, and one final run per study.
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+POLL_S = 1.0            # how often a worker with nothing to run looks at the study again
+
+
+class TrialFailed(Exception):
+    """Raised by the objective so that Optuna records the trial as failed and the search goes on (Optuna's
+    `catch`): its training failed (user attribute `error`: the reason), or it lies beyond n_trials (`surplus`)."""
+
+
 def storage_url(cfg: DictConfig) -> str:
     if cfg.optuna.storage:
         return cfg.optuna.storage
@@ -737,34 +753,150 @@ def storage_url(cfg: DictConfig) -> str:
     return f"sqlite:///{folder.resolve() / (cfg.run_id + '.db')}"
 
 
+def shown_url(url: str) -> str:
+    """The storage URL without its password, for printing and for the final run's W&B config."""
+    from sqlalchemy.engine import make_url
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of an SQLite URL; None for a server database (or SQLite in memory)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"optuna.storage={url} is not a database URL; give one such as "
+                          f"postgresql://user:password@host/database, or null for an SQLite file in results_dir") \
+            from None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 @contextmanager
-def claim_lock(url: str):
-    """Serialise "count the trials, then claim one" between processes sharing an SQLite file.  Other databases
-    have no such lock here: workers on several machines may overshoot n_trials by at most (workers − 1)."""
-    if not url.startswith("sqlite:///"):
-        yield
-        return
-    lock_path = Path(url[len("sqlite:///"):] + ".lock")
-    with lock_path.open("a") as handle:
+def file_lock(path: Path):
+    """An exclusive lock between the processes of this machine (released when the file closes, also by a death)."""
+    try:
+        handle = path.open("a")
+    except OSError as err:
+        raise ConfigError(f"optuna.storage: cannot create {path} ({err.strerror}); give an SQLite path in a folder "
+                          f"you can write to") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an error's message (Optuna wraps database errors in a generic one: then its cause's)."""
+    from optuna.exceptions import StorageInternalError
+    if isinstance(err, StorageInternalError) and err.__cause__ is not None:
+        err = err.__cause__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def queue_again(study, trial) -> None:
+    """Queue a trial whose worker stopped (killed: heartbeat gone; or interrupted) to run again with the same
+    parameters: Optuna's RetryHeartbeatStaleTrialCallback, at most twice per trial.  Not a trial that had already
+    failed with a recorded reason or been refused as surplus: its worker died while recording that, and it stays
+    as it is (counted, or not)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    if not {"error", "surplus"} & trial.user_attrs.keys():
+        RetryHeartbeatStaleTrialCallback(max_retry=2)(study, trial)
+
+
+def open_study(cfg: DictConfig, url: str, name: str):
+    """Create the study, or load it if it exists, with heartbeats (a trial silent for 4 heartbeats is dead).
+
+    Optuna creates the tables of a new database without a lock, so two workers that start together on a new
+    database collide ('table ... already exists', 'UNIQUE constraint failed: alembic_version.version_num').  On an
+    SQLite file the workers of the machine take turns under a file lock beside it.  On a server database (several
+    machines, no shared lock) a worker that loses that race tries again: the winner has created the tables by then.
+    A file that SQLite or Optuna cannot read is a one-line error naming it and the fix."""
+    import optuna
+    import sqlalchemy.exc
+    from optuna.storages import RDBStorage
+
+    def create():
+        storage = RDBStorage(url, heartbeat_interval=cfg.optuna.heartbeat_s, grace_period=4 * cfg.optuna.heartbeat_s,
+                             heartbeat_stale_trial_callback=queue_again)
+        pruner = optuna.pruners.MedianPruner(n_warmup_steps=1) if cfg.optuna.pruner == "median" \
+            else optuna.pruners.NopPruner()
+        return optuna.create_study(study_name=name, storage=storage, direction=cfg.optuna.direction,
+                                   sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=pruner,
+                                   load_if_exists=True)
+
+    # what an unreadable database raises: SQLAlchemy's errors (Optuna wraps some), Optuna's schema-version check
+    # (RuntimeError), a missing driver (ImportError)
+    unreadable = (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, RuntimeError, ImportError)
+    path = sqlite_file(url)
+    if path is not None:
+        with file_lock(path.with_name(path.name + ".lock")):
+            try:
+                return create()
+            except unreadable as err:
+                raise ConfigError(f"{path} is not a readable Optuna study ({_reason(err)}); delete it (or move it "
+                                  f"away) to start the search over") from None
+    for attempt in range(5):
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            return create()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:   # the race, or a real fault
+            error = err
+            time.sleep(0.2 + random.random())
+        except unreadable as err:
+            error = err
+            break
+    raise ConfigError(f"optuna.storage={shown_url(url)}: cannot open the study ({_reason(error)}); check the URL and "
+                      f"that the database server is running (PostgreSQL needs its driver: uv sync --extra postgres)")
 
 
-def distributions(cfg: DictConfig) -> dict:
-    import optuna.distributions as d
-    out = {}
+def counts(trial) -> bool:
+    """A trial that counts toward n_trials: complete, pruned, or failed with a recorded reason."""
+    from optuna.trial import TrialState
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and "error" in trial.user_attrs
+
+
+def holds_a_place(trial) -> bool:
+    """A trial that counts or still may: running, or queued (a dead worker's trial waiting to run again)."""
+    from optuna.trial import TrialState
+    return counts(trial) or trial.state in (TrialState.RUNNING, TrialState.WAITING)
+
+
+def within_target(trials, number: int, n_trials: int) -> bool:
+    """The exact-count rule: trial `number` may run only if fewer than n_trials of the trials numbered before it
+    hold a place (count, run, or wait in the queue).  A trial refused is recorded as failed with user attribute
+    `surplus`, without running.
+
+    Why it is exact: the storage numbers a study's trials atomically in the order they are created (0, 1, 2, ...),
+    whichever worker creates them.  A trial that counts in the end holds a place from its creation on: the only
+    trials that give a place up are those that will never count (failed because their worker died, whose copy
+    queued with the same parameters is a new, later trial; or refused as surplus).  So when the highest-numbered
+    trial that counts checked this rule, every other trial that counts was already there and held a place, and the
+    rule let it run only if they were fewer than n_trials.  Hence never more than n_trials trials count, however
+    many workers race for the last places and whenever one is killed.  Never fewer either: a worker with nothing
+    to run waits until every trial holding a place has finished (or died and been queued again, then runs it)."""
+    return sum(holds_a_place(t) for t in trials if t.number < number) < n_trials
+
+
+def room_for_a_trial(trials, n_trials: int) -> bool:
+    """Whether starting a trial now can be useful: a place is free, or a queued trial waits to be run."""
+    from optuna.trial import TrialState
+    return sum(holds_a_place(t) for t in trials) < n_trials or any(t.state == TrialState.WAITING for t in trials)
+
+
+def suggest(trial, cfg: DictConfig) -> dict:
+    """The trial's values for the search space (a queued trial keeps the values it was queued with)."""
     for name, spec in cfg.optuna.search_space.items():
         spec = OmegaConf.merge({"low": None, "high": None, "choices": None}, spec)
         if spec.type == "categorical":
-            out[name] = d.CategoricalDistribution(list(spec.choices))
+            trial.suggest_categorical(name, list(spec.choices))
         elif spec.type == "int":
-            out[name] = d.IntDistribution(int(spec.low), int(spec.high))
+            trial.suggest_int(name, int(spec.low), int(spec.high))
         else:
-            out[name] = d.FloatDistribution(float(spec.low), float(spec.high), log=spec.type == "loguniform")
-    return out
+            trial.suggest_float(name, float(spec.low), float(spec.high), log=spec.type == "loguniform")
+    return trial.params
 
 
 def with_params(cfg: DictConfig, params: dict) -> DictConfig:
@@ -775,122 +907,155 @@ def with_params(cfg: DictConfig, params: dict) -> DictConfig:
     return out
 
 
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _counts(trial) -> bool:
-    """Trials that count toward n_trials: finished ones, failures the objective recorded, and live claims."""
-    from optuna.trial import TrialState
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
-        return True
-    return trial.state == TrialState.FAIL and "error" in trial.user_attrs
-
-
-def fail_dead_local_trials(study) -> None:
-    """A RUNNING trial claimed by a process of this host that no longer exists (killed) is failed now and its
-    parameters re-queued, so a restart re-runs it instead of waiting for the heartbeat's grace period."""
-    from optuna.trial import TrialState
-    host = socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = str(trial.user_attrs.get("worker", ""))
-        if not owner.startswith(host + ":"):
-            continue
-        if _worker_alive(owner):
-            continue
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-
-
-def run_search(cfg: DictConfig, explicit: set[str]) -> tuple[DictConfig | None, dict]:
-    """Run the trials still missing from the persistent study.  Returns cfg with the best parameters and what
-    the final run records about the search, or (None, {}) when another live worker has claimed the final run."""
+def run_search(cfg: DictConfig) -> tuple[DictConfig | None, dict]:
+    """Run the trials still missing from the persistent study (see `within_target` for the count).  Returns cfg
+    with the best parameters and what the final run records about the search, or (None, {}) when another worker
+    does the study's final run."""
     import warnings
 
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
     from optuna.trial import TrialState
-    from src.preprocess import UserError
     from src.train import NonFiniteTraining, train
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # heartbeats and stale-trial retries are marked experimental; our own loop records the heartbeats itself
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    url = storage_url(cfg)
-    name = cfg.optuna.study_name or cfg.run_id
-    storage = RDBStorage(url, heartbeat_interval=cfg.optuna.heartbeat_s, grace_period=4 * cfg.optuna.heartbeat_s,
-                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
-    pruner = optuna.pruners.MedianPruner(n_warmup_steps=1) if cfg.optuna.pruner == "median" \
-        else optuna.pruners.NopPruner()
-    study = optuna.create_study(study_name=name, storage=storage, direction=cfg.optuna.direction,
-                                sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=pruner,
-                                load_if_exists=True)
-    space = distributions(cfg)
-    print(f"search: study '{name}' in {url} | target {cfg.optuna.n_trials} trials | "
-          f"{sum(_counts(t) for t in study.get_trials(deepcopy=False))} already there")
-    while True:
-        with claim_lock(url):
-            fail_dead_local_trials(study)
-            fail_stale_trials(study)
-            if sum(_counts(t) for t in study.get_trials(deepcopy=False)) >= cfg.optuna.n_trials:
-                break
-            trial = study.ask(space)
-            trial.set_user_attr("worker", WORKER)
-        beat = threading.Event()
-        threading.Thread(target=_heartbeat, args=(storage, trial._trial_id, cfg.optuna.heartbeat_s, beat),
-                         daemon=True).start()
-        trial_cfg = with_params(cfg, trial.params)
-        trial_cfg.wandb.mode = "disabled"              # trials are silent in W&B (SPEC §12)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)   # one line of ours per trial instead of Optuna's log
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # heartbeats, retries
+    url, name, n = storage_url(cfg), cfg.optuna.study_name or cfg.run_id, cfg.optuna.n_trials
+    study = open_study(cfg, url, name)
+    print(f"search: study '{name}' in {shown_url(url)} | target {n} trials | "
+          f"{sum(counts(t) for t in study.get_trials(deepcopy=False))} already there", flush=True)
+    current = {}        # the trial this worker runs until Optuna has recorded it, and whether its objective returned
+
+    def objective(trial):
+        current.update(number=trial.number, returned=False)
+        if not within_target(study.get_trials(deepcopy=False), trial.number, n):
+            trial.set_user_attr("surplus", True)
+            study.stop()
+            current["returned"] = True
+            raise TrialFailed(f"trial {trial.number} lies beyond the {n} trials of the search")
+        trial_cfg = with_params(cfg, suggest(trial, cfg))
+        trial_cfg.evaluation.split = "validation"      # trials select on validation problems, never the test split
+        trial_cfg.wandb.mode = "disabled"              # trials are silent in W&B: only the final run is logged
         trial_cfg.checkpointing.enabled = False
         trial_cfg.run_id = f"{cfg.run_id}-trial{trial.number}"
 
-        def report(step, model_time, em, trial=trial):
+        def report(step, model_time, em):
             trial.report(em, step=max(int(model_time), 0))
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
         try:
             value = train(trial_cfg, on_evaluation=report).final_em
-            study.tell(trial, value)
-            outcome = f"EM {value:.2f}%"
-        except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
-            outcome = "pruned"
-        except (NonFiniteTraining, RuntimeError, MemoryError) as err:   # OOM, NaN: recorded, the search goes on
-            reason = (str(err).splitlines() or [type(err).__name__])[0][:300]
-            trial.set_user_attr("error", reason)
-            study.tell(trial, state=TrialState.FAIL)
-            outcome = f"failed ({reason})"
-        except UserError:
-            study.tell(trial, state=TrialState.FAIL)
+        except optuna.exceptions.OptunaError:         # pruned, or the trial was finished elsewhere meanwhile
+            current["returned"] = True
             raise
-        finally:
-            beat.set()
+        except (NonFiniteTraining, RuntimeError, MemoryError) as err:   # OOM, NaN: recorded, the search goes on
+            current["returned"] = True
+            trial.set_user_attr("error", _reason(err)[:300])
+            raise TrialFailed(_reason(err)) from err
+        except KeyboardInterrupt:                     # the next run of the command runs it again
+            queue_again(study, next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number))
+            raise
+        current["returned"] = True
+        return value
+
+    def print_progress(study, trial):
+        current.clear()                               # Optuna recorded the trial
+        if "surplus" in trial.user_attrs:
+            return
+        if trial.state == TrialState.COMPLETE:
+            outcome = f"EM {trial.value:.2f}%"
+        elif trial.state == TrialState.PRUNED:
+            outcome = "pruned"
+        else:
+            outcome = f"failed ({trial.user_attrs.get('error', 'no reason recorded')})"
+        retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
         best = _best(study)
-        best_text = f"best {best.value:.2f}% (trial {best.number})" if best else "best: none yet"
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-        print(f"trial {trial.number}: {outcome} | {params} | {best_text}", flush=True)
+        print(f"trial {trial.number}" + (f" (retry of trial {retry_of})" if retry_of is not None else "")
+              + f": {outcome} | " + ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+              + (f" | best {best.value:.2f}% (trial {best.number})" if best else " | best: none yet"), flush=True)
+
+    def stop_when_every_place_is_taken(study, trial):
+        if not room_for_a_trial(study.get_trials(deepcopy=False), n):
+            study.stop()
+
+    waiting_said = False
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        if sum(counts(t) for t in trials) >= n:
+            break
+        if room_for_a_trial(trials, n):
+            current.clear()
+            try:
+                study.optimize(objective, catch=(TrialFailed,),
+                               callbacks=[print_progress, stop_when_every_place_is_taken])
+            except (ValueError, UpdateFinishedTrialError):
+                # Optuna refused to record this worker's result because the trial had been finished by another
+                # worker meanwhile: it took the trial as dead (a late heartbeat) and queued it again, or, on SQLite,
+                # took the same queued trial at the same instant (SQLite has no row locks).  The count is intact.
+                trial = next((t for t in study.get_trials(deepcopy=False) if t.number == current.get("number")), None)
+                if not current.get("returned") or trial is None or not trial.state.is_finished():
+                    raise
+                print(f"search: trial {trial.number} was finished by another worker meanwhile ({trial.state.name}); "
+                      f"this worker's result for it is dropped", flush=True)
+            continue
+        # Every place is held by a trial running in another worker: wait for it to finish, or for its heartbeat to
+        # stop (its worker died: it is failed and queued again, and this worker runs it).
+        if not waiting_said:
+            running = [t.number for t in trials if t.state == TrialState.RUNNING]
+            print(f"search: waiting for trial(s) {', '.join(map(str, running))} running in other workers (a trial "
+                  f"silent for {4 * cfg.optuna.heartbeat_s} s is taken as dead and run again)", flush=True)
+            waiting_said = True
+        time.sleep(POLL_S)
+        fail_stale_trials(study)
+
     best = _best(study)
     if best is None:
         raise ConfigError(f"search '{name}' has no completed trial (all failed or were pruned); see the trial "
                           f"lines above, fix the cause, and re-run the same command")
     print(f"search done: best trial {best.number} with EM {best.value:.2f}% | "
-          + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()))
-    with claim_lock(url):    # one final run per study, whichever worker gets here first
-        owner = study.user_attrs.get("final_run_worker")
-        if owner and owner != WORKER and _worker_alive(owner):
-            print(f"search complete; the final run is being done by worker {owner}")
-            return None, {}
-        study.set_user_attr("final_run_worker", WORKER)
+          + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()), flush=True)
+    if not cfg.optuna.final_run:
+        print("search complete; no final run (optuna.final_run=false)")
+        return None, {}
+    owner = claim_final_run(url, name)
+    if owner is not None:
+        print(f"search complete; the final run is done by worker {owner}")
+        return None, {}
     final = with_params(cfg, best.params)
     final.optuna.study_name = name
-    final.optuna.storage = url
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
+    final.optuna.storage = shown_url(url)
+    counted = [t for t in study.get_trials(deepcopy=False) if counts(t)]
     info = {"search/study": name, "search/best_trial": best.number, "search/best_value": best.value,
-            "search/trials_complete": sum(t.state.name == "COMPLETE" for t in finished),
-            "search/trials_failed_or_pruned": sum(t.state.name != "COMPLETE" for t in finished),
+            "search/trials_complete": sum(t.state == TrialState.COMPLETE for t in counted),
+            "search/trials_failed_or_pruned": sum(t.state != TrialState.COMPLETE for t in counted),
             **{f"search/best/{k}": v for k, v in best.params.items()}}
     return final, info
+
+
+def claim_final_run(url: str, name: str) -> str | None:
+    """Make this worker the one that does the study's final run: None if it is, else the worker that is.
+
+    The claim is a study named '<study>:final-run:<k>' in the same database.  A study name is unique there, so of
+    several workers creating it at once exactly one succeeds, on SQLite and on a server alike; its user attribute
+    `worker` names the owner.  The owner keeps the claim while it lives.  A claim of this same process (a re-run in
+    it) stays valid; one of a dead process of this host (killed during the final run) passes, atomically again, to
+    whoever creates claim k+1, and that final run resumes from its checkpoint (or says it already finished).  A
+    worker on another host is taken to be alive."""
+    import optuna
+    storage = optuna.storages.RDBStorage(url)
+    for k in itertools.count():
+        marker = f"{name}:final-run:{k}"
+        try:
+            optuna.create_study(study_name=marker, storage=storage).set_user_attr("worker", WORKER)
+            return None
+        except optuna.exceptions.DuplicatedStudyError:
+            owner = optuna.load_study(study_name=marker, storage=storage).user_attrs.get("worker")
+        if owner == WORKER:
+            return None
+        if owner is None or _worker_alive(owner):
+            return owner or "another worker (starting)"
 
 
 def _worker_alive(owner: str) -> bool:
@@ -908,21 +1073,11 @@ def _worker_alive(owner: str) -> bool:
 
 
 def _best(study):
-    from optuna.trial import TrialState
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not done:
+    """The best complete trial, or None."""
+    try:
+        return study.best_trial
+    except ValueError:              # no complete trial yet
         return None
-    pick = max if study.direction.name == "MAXIMIZE" else min
-    return pick(done, key=lambda t: t.value)
-
-
-def _heartbeat(storage, trial_id: int, every: int, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            storage.record_heartbeat(trial_id)
-        except Exception:
-            pass
-        stop.wait(every)
 
 
 def _fmt(value) -> str:
@@ -948,7 +1103,7 @@ def run(argv: list[str]) -> int:
         cfg.training.scheduler.warm_start_ckpt = warm["warm_start/checkpoint"]
     search_info = {}
     if cfg.optuna.n_trials > 0:
-        cfg, search_info = run_search(cfg, explicit)
+        cfg, search_info = run_search(cfg)
         if cfg is None:
             return 0
     outcome = train(cfg, search_info={**warm, **search_info})
