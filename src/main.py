@@ -199,6 +199,7 @@ class GraffConfig:               # proposed, its ablations and its pre-training 
                           "use terminal (the loss at the end of the budget) or greedy (the next step's loss)")
     outer_lr: float = rule(1.0e-3, lambda v: v > 0, "must be > 0")            # Adam's lr for W and the encoder
     update_every: int = rule(10, lambda v: v >= 2, "must be ≥ 2 (steps between outer updates)")
+    warmup_fraction: float = rule(0.05, in_unit, "must be in [0, 1)")       # linear warmup, as the schedules
     stability_guard: float = rule(1.9, lambda v: 0 < v <= 2, "must be in (0, 2] (2 is the edge of stability)")
     # a planner checkpoint to start from: a path, or a file name that the pre-training run saving it produces
     warm_start_ckpt: Optional[str] = None
@@ -283,7 +284,7 @@ class WandbConfig:
 
 @dataclass
 class TrialConfig:               # what mode=trial shrinks a run to
-    steps: int = 16                            # optimiser steps: enough for every planner's learning paths to run
+    steps: int = 24                            # optimiser steps: enough for every planner's learning paths to run
     eval_problems: int = 8
     # a warm-started GRAFF run's pre-training, at trial size (a trial that passes gets past the full run's set-up)
     pretrain_overrides: List[str] = field(default_factory=lambda: [

@@ -936,6 +936,11 @@ N_TOKEN_FEATURES = 2   # φ_{t,i} = [z-scored probe entropy H_i, relative answer
 N_READOUT_EXTRA = 3    # r_t = [h̄_t; b_t; log(b_t + ε_b); 1]: the decoder sees the budget directly
 BUDGET_EPS = 0.01      # ε_b: log(b + ε_b) stays finite at the end of the budget (b = 0)
 FD_STEPS = 0.25        # the token products' finite-difference step δ = FD_STEPS·η_u (a quarter of a step's movement)
+# The terminal update's safeguards, as measured on the noisy quadratic (docs/method.md, "The update rule"):
+TRUST = 0.1            # one update changes log η(b) by at most this much anywhere over the remaining budget
+KAPPA_RANGE = (0.0, 4.0)   # κ, the decay exponent: never a rise toward the end, never steeper than (b + ε)^4
+RHO_RANGE = (-8.0, 8.0)    # ρ
+MIN_STEPS = 20         # the forecast is refitted and followed from this step on (before: too little history)
 
 
 def adam_edge(beta1: float) -> float:
@@ -1010,89 +1015,119 @@ def project_halfspace(w: torch.Tensor, x: torch.Tensor, lo: float, hi: float) ->
     return w
 
 
-class FewModeSurrogate:
-    """Online fit of the few-mode surrogate and its differentiable terminal-loss forecast.
+# -- GRAFF's forecast of the loss at the end of the budget (docs/method.md, "The forecast model") ----------------
+# Designed and measured on a noisy quadratic (bench/noisy_quadratic.py, bench/results/noisy_quadratic.txt).
+def momentum_moments(a: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stationary moments of one coordinate of momentum SGD on a unit quadratic (curvature 1, preconditioner 1,
+    gradient-noise variance 1, step a = ηκ):  m_t = β m_{t−1} + (1−β)(x_t + ξ_t),  x_{t+1} = x_t − a m_t.
+    Returns (r, G): r = E[x²] relative to plain SGD's a/(2 − a); G = E[m_t²], so that the stationary one-step
+    hypergradient of a mode with noise injection n is η·n·G.  β = 0: r = 1, G = 2/(2 − a); β = 0.9: G ≈ 0.053.
+    Solves the 2×2 discrete Lyapunov equation Σ = AΣAᵀ + bbᵀ of the state (x_t, m_{t−1}) exactly (3 unknowns),
+    elementwise in a."""
+    a = np.asarray(a, dtype=np.float64)
+    if beta == 0.0:
+        return np.ones_like(a), 2.0 / (2.0 - a)
+    b1 = 1.0 - beta
+    A11, A12, A21, A22 = 1.0 - a * b1, -a * beta, b1 * np.ones_like(a), beta * np.ones_like(a)
+    B1, B2 = -a * b1, b1 * np.ones_like(a)
+    M = np.zeros(a.shape + (3, 3))                    # unknowns S11, S12, S22 of S = A S Aᵀ + b bᵀ
+    M[..., 0, 0], M[..., 0, 1], M[..., 0, 2] = 1 - A11 * A11, -2 * A11 * A12, -A12 * A12
+    M[..., 1, 0], M[..., 1, 1], M[..., 1, 2] = -A11 * A21, 1 - (A11 * A22 + A12 * A21), -A12 * A22
+    M[..., 2, 0], M[..., 2, 1], M[..., 2, 2] = -A21 * A21, -2 * A21 * A22, 1 - A22 * A22
+    rhs = np.stack([B1 * B1, B1 * B2, B2 * B2], -1)
+    S11, S12, S22 = np.moveaxis(np.linalg.solve(M, rhs[..., None])[..., 0], -1, 0)
+    Em2 = b1 * b1 * S11 + 2 * b1 * beta * S12 + beta * beta * S22 + b1 * b1
+    return S11 / (a / (2.0 - a)), Em2
 
-    observe(step, eta, loss, hypergrad=None)   step `step` ran with LR `eta`; `loss` is the mini-batch loss
-                                               measured at θ_step (before the step), `hypergrad` the measured
-                                               ∂ℓ_step/∂η_{step−1} = −⟨g_step, u_{step−1}⟩ (None if unknown)
-    refit() -> dict                            refit θ on the whole history; returns diagnostics
-    terminal_loss(eta_future) -> Tensor        L̂_T for the LRs of the remaining steps (1-D, differentiable)
-    ready                                      a fit exists and passed the sanity checks
 
-    History is kept in numpy buffers (scalars per step, O(K) work per step); only the forecast is torch."""
+class TrajectoryForecast:
+    """Online fit of the few-mode surrogate and its differentiable terminal-loss forecast (module docstring).
+
+    observe(step, eta, loss, hypergrad=None, temperature=None)
+        after step `step` ran with LR `eta`: `loss` is the mini-batch loss measured at θ_step (before the step);
+        `temperature` T = Σ_i (v̂_i − m̂_i²)/(√v̂_i + ε) from the optimiser's moments (None if unknown);
+        `hypergrad` the measured ∂ℓ_step/∂η_{step−1} = −⟨g_step, u_{step−1}⟩ (None if unknown; used only with
+        use_hypergrad=True).  One call per step, in order.
+    refit() -> dict            refit θ on the whole history; diagnostics (chi2 ≈ 1 for a fit within the noise)
+    terminal_loss(eta_future)  L̂_T (0-d tensor) for the LRs of the remaining steps (1-D tensor, any length ≥ 1),
+                               differentiable in eta_future; valid after a refit with `ready` True
+    ready                      a fit exists, is finite and its loss residuals are < max_chi2 × the noise
+
+    Knobs: eta_ref (the LR scale the curvature grid is built around: the run's η_0), horizon (steps the budget
+    is expected to buy; only sets the grid and buffer sizes), n_modes, span (η_ref·κ range), bin, ridge,
+    tau_beta (β of the EMA behind m̂ in T), tau_rel (relative error assumed for the floor rows), momentum (β1 of
+    the optimiser, for the hypergradient rows), use_tau, use_hypergrad, hg_weight, max_chi2.
+    History is kept in numpy buffers (O(K) work per step); only the forecast is torch."""
 
     def __init__(self, eta_ref: float, horizon: int, n_modes: int = 16, span: tuple[float, float] | None = None,
-                 bin: int = 5, ridge: float = 1e-4, use_hypergrad: bool = True, hg_weight: float = 1.0,
-                 forget: float = 0.0, max_chi2: float = 25.0, spectrum: str = "free", momentum: float = 0.0,
-                 tau_beta: float = 0.9, tau_rel: float = 0.1, use_tau: bool = True,
-                 gammas=(-1.0, -0.5, 0.0, 0.5, 1.0), gamma_prior: float = 0.0,
-                 alphas=(-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0), betas=(-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)):
+                 bin: int = 5, ridge: float = 1e-4, use_tau: bool = True, tau_beta: float = 0.9,
+                 tau_rel: float = 0.1, use_hypergrad: bool = False, momentum: float = 0.0, hg_weight: float = 1.0,
+                 max_chi2: float = 25.0):
         self.eta_ref, self.horizon, self.bin, self.ridge = float(eta_ref), int(horizon), int(bin), float(ridge)
-        self.use_hypergrad, self.hg_weight, self.forget = use_hypergrad, float(hg_weight), float(forget)
-        self.max_chi2, self.spectrum = float(max_chi2), spectrum
-        self.c_mom = (1.0 - momentum) / (1.0 + momentum)      # share of the noise a momentum step's hg sees
-        self.c_tau = (1.0 - tau_beta) / (1.0 + tau_beta)      # share of the noise variance left in m̂²
-        self.tau_rel, self.use_tau = float(tau_rel), use_tau
-        self.alphas, self.betas = tuple(alphas), tuple(betas)
-        self.gammas, self.gamma_prior = tuple(gammas), float(gamma_prior)
+        self.use_tau, self.c_tau, self.tau_rel = use_tau, (1.0 - tau_beta) / (1.0 + tau_beta), float(tau_rel)
+        self.use_hypergrad, self.momentum, self.hg_weight = use_hypergrad, float(momentum), float(hg_weight)
+        self.max_chi2 = float(max_chi2)
         lo, hi = span if span is not None else (0.1 / max(horizon, 1), 1.0)
         self.kappa_np = np.logspace(math.log10(lo), math.log10(hi), n_modes) / self.eta_ref
         self.kappa = torch.from_numpy(self.kappa_np.copy())
-        K = self.K = n_modes
-        self.phi = np.ones(K)                               # Φ(τ), Ψ(τ) of the step about to run
-        self.psi = np.zeros(K)
+        self.K = K = n_modes
+        self._a_tab = np.logspace(-7, math.log10(1.95), 400)          # r(a), G(a) tabulated over a = ηκ
+        self._r_tab, self._G_tab = momentum_moments(self._a_tab, self.momentum)
+        self.phi, self.psi = np.ones(K), np.zeros(K)                   # Φ(τ), Ψ(τ) of the step about to run
         cap = max(horizon, 16) + 1
-        self.L_rows, self.L_y, self.nL = np.zeros((cap, 1 + 2 * K)), np.zeros(cap), 0   # [1, Φ(τ), Ψ(τ)] → ℓ_τ
-        self.H_rows, self.H_y, self.nH = np.zeros((cap, 1 + 2 * K)), np.zeros(cap), 0   # d ℓ̂_{τ+1}/dη_τ row
-        self.F_rows, self.F_y, self.nF = np.zeros((cap, 1 + 2 * K)), np.zeros(cap), 0   # noise floor at η_τ
-        self._pending: tuple[int, np.ndarray] | None = None   # row of step τ, waiting for its measurement at τ+1
-        self.theta: torch.Tensor | None = None                # (1 + 2K,): L∞, a, n
-        self.theta_np: np.ndarray | None = None
+        self.PHI, self.PSI = np.zeros((cap, K)), np.zeros((cap, K))   # per step τ: Φ(τ), Ψ(τ)
+        self.ETA = np.zeros(cap)                                       # η_τ
+        self.LOSS, self.TAU, self.HG = (np.full(cap, np.nan) for _ in range(3))   # ℓ_τ, T_τ, ∂ℓ_{τ+1}/∂η_τ
+        self.n = 0
+        self.theta_np: np.ndarray | None = None                        # (1 + 2K,): L∞, a, n
+        self.theta: torch.Tensor | None = None
         self.ready = False
         self.diag: dict[str, float] = {}
 
     # -- history --------------------------------------------------------------------------------------------
-    @staticmethod
-    def _push(rows, y, n, row, val):
-        if n == rows.shape[0]:
-            rows = np.concatenate([rows, np.zeros_like(rows)])
-            y = np.concatenate([y, np.zeros_like(y)])
-        rows[n] = row
-        y[n] = val
-        return rows, y, n + 1
+    def _grow(self) -> None:
+        for name in ("PHI", "PSI", "ETA", "LOSS", "TAU", "HG"):
+            a = getattr(self, name)
+            setattr(self, name, np.concatenate([a, np.full_like(a, 0.0 if name in ("PHI", "PSI", "ETA") else np.nan)]))
+
+    def _r(self, a: np.ndarray) -> np.ndarray:
+        return np.interp(np.log(np.clip(a, 1e-7, 1.95)), np.log(self._a_tab), self._r_tab)
+
+    def _r_torch(self, a: torch.Tensor) -> torch.Tensor:
+        """r(a) as a differentiable piecewise-linear interpolation in log a (1 for plain SGD)."""
+        if self.momentum == 0.0:
+            return torch.ones_like(a)
+        lt = torch.from_numpy(np.log(self._a_tab))
+        rt = torch.from_numpy(self._r_tab)
+        la = torch.log(a.clamp(1e-7, 1.95))
+        i = torch.searchsorted(lt, la.detach().contiguous()).clamp(1, lt.numel() - 1)
+        w = (la - lt[i - 1]) / (lt[i] - lt[i - 1])
+        return rt[i - 1] + w * (rt[i] - rt[i - 1])
+
+    def _G(self, a: np.ndarray) -> np.ndarray:
+        return np.interp(np.log(np.clip(a, 1e-7, 1.95)), np.log(self._a_tab), self._G_tab)
 
     def observe(self, step: int, eta: float, loss: float, hypergrad: float | None = None,
                 temperature: float | None = None) -> None:
-        """Record step `step`: the loss measured at θ_step (before the step), the hypergradient of the previous
-        step measured at θ_step, and the LR the step then used.  Steps come in order, one call each."""
-        if (hypergrad is not None and math.isfinite(hypergrad) and self._pending is not None
-                and self._pending[0] == step - 1):
-            self.H_rows, self.H_y, self.nH = self._push(self.H_rows, self.H_y, self.nH, self._pending[1], hypergrad)
-        self._pending = None
-        K = self.K
+        i = self.n
+        if i == self.PHI.shape[0]:
+            self._grow()
+        if hypergrad is not None and math.isfinite(hypergrad) and i > 0:
+            self.HG[i - 1] = hypergrad
+        self.PHI[i], self.PSI[i], self.ETA[i] = self.phi, self.psi, eta
         if math.isfinite(loss):
-            row = np.empty(1 + 2 * K)
-            row[0], row[1:1 + K], row[1 + K:] = 1.0, self.phi, self.psi
-            self.L_rows, self.L_y, self.nL = self._push(self.L_rows, self.L_y, self.nL, row, loss)
-        k, e = self.kappa_np, float(eta)
-        lin = -2.0 * k * (1.0 - e * k)                      # d/dη of (1 − ηκ)²
-        hrow = np.empty(1 + 2 * K)
-        gam = (self.c_mom + 1.0 - e * k) / (2.0 - e * k)     # 1 for SGD; ≈ (1 + c)/2 with momentum
-        hrow[0], hrow[1:1 + K], hrow[1 + K:] = 0.0, lin * self.phi, lin * self.psi + 2.0 * e * gam
-        self._pending = (step, hrow)
+            self.LOSS[i] = loss
         if temperature is not None and math.isfinite(temperature) and temperature > 0:
-            frow = np.zeros(1 + 2 * K)                       # equilibrium floor of every mode at η: η n/(κ(2 − ηκ))
-            frow[1 + K:] = e / (k * np.maximum(2.0 - e * k, 1e-3))
-            floor = e * temperature / (4.0 * (1.0 - self.c_tau))
-            self.F_rows, self.F_y, self.nF = self._push(self.F_rows, self.F_y, self.nF, frow, floor)
-        f = (1.0 - e * k) ** 2
-        self.phi = f * self.phi
-        self.psi = f * self.psi + e * e
+            self.TAU[i] = temperature
+        a = eta * self.kappa_np
+        f = np.minimum((1.0 - a) ** 2, 1e3)                           # an unstable mode grows; bounded for numerics
+        self.phi = np.minimum(f * self.phi, 1e30)
+        self.psi = np.minimum(f * self.psi + eta * eta * self._r(a), 1e30)
+        self.n = i + 1
 
     @property
     def n_obs(self) -> int:
-        return self.nL
+        return self.n
 
     # -- fit ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -1102,142 +1137,75 @@ class FewModeSurrogate:
             return float(np.abs(y).mean()) + 1e-12
         return float(1.4826 * np.median(np.abs(np.diff(y))) / math.sqrt(2.0)) + 1e-12
 
-    def _binned(self, rows: np.ndarray, y: np.ndarray):
-        """Means over bins of `bin` consecutive steps (newest bin complete), with the per-bin weight √count."""
+    def _bin(self, rows: np.ndarray, y: np.ndarray):
+        """Means over bins of `bin` consecutive rows (the newest bin complete); per-bin weight √count."""
         n = (rows.shape[0] // self.bin) * self.bin
-        start = rows.shape[0] - n
         if n == 0:
             return rows, y, np.ones(rows.shape[0])
+        start = rows.shape[0] - n
         Ab = rows[start:].reshape(-1, self.bin, rows.shape[1]).mean(1)
         yb = y[start:].reshape(-1, self.bin).mean(1)
         return Ab, yb, np.full(Ab.shape[0], math.sqrt(self.bin))
 
-    def _age_weight(self, n: int) -> np.ndarray:
-        if self.forget <= 0:
-            return np.ones(n)
-        age = np.arange(n - 1, -1, -1) / max(n, 1)
-        return np.exp(-self.forget * age)
-
     def refit(self) -> dict:
-        """Non-negative least squares for θ = (L∞, a, n) over the binned loss and hypergradient rows."""
-        if self.nL < 3 * self.bin:
-            self.ready = False
+        """Non-negative least squares for θ = (L∞, a, n) over the binned rows of the whole history."""
+        K, t = self.K, self.n
+        self.ready = False
+        ok = np.isfinite(self.LOSS[:t])
+        if ok.sum() < 3 * self.bin:
             return {"ok": 0.0}
-        yL = self.L_y[:self.nL]
-        s_l = self._noise_level(yL)
-        A, y, c = self._binned(self.L_rows[:self.nL], yL)
-        wl = c / s_l * self._age_weight(A.shape[0])
-        blocks_A, blocks_y = [A * wl[:, None]], [y * wl]
-        if self.use_hypergrad and self.nH >= 3 * self.bin:
-            yH = self.H_y[:self.nH]
+        k, eta = self.kappa_np, self.ETA[:t, None]
+        A = np.concatenate([np.ones((t, 1)), self.PHI[:t], self.PSI[:t]], 1)
+        blocks_A, blocks_y = [], []
+        s_l = self._noise_level(self.LOSS[:t][ok])
+        Ab, yb, c = self._bin(A[ok], self.LOSS[:t][ok])
+        blocks_A.append(Ab * (c / s_l)[:, None])
+        blocks_y.append(yb * c / s_l)
+        n_loss = Ab.shape[0]
+        a = eta * k
+        e_eq = eta * self._r(a) / (k * np.maximum(2.0 - a, 1e-3))      # equilibrium content per unit n at η_τ
+        okt = np.isfinite(self.TAU[:t])
+        if self.use_tau and okt.sum() >= 3 * self.bin:
+            F = np.concatenate([np.zeros((t, 1 + K)), e_eq], 1)[okt]
+            yF = (self.ETA[:t] * self.TAU[:t] / (4.0 * (1.0 - self.c_tau)))[okt]
+            Fb, fb, cf = self._bin(F, yF)
+            wf = cf / (self.tau_rel * np.maximum(np.abs(fb), 1e-300))
+            blocks_A.append(Fb * wf[:, None])
+            blocks_y.append(fb * wf)
+        okh = np.isfinite(self.HG[:t])
+        if self.use_hypergrad and okh.sum() >= 3 * self.bin:
+            lin = -2.0 * k * (1.0 - a)                                   # d/dη of (1 − ηκ)²
+            H = np.concatenate([np.zeros((t, 1)), lin * self.PHI[:t], lin * (self.PSI[:t] - e_eq)
+                                + eta * self._G(a)], 1)[okh]
+            yH = self.HG[:t][okh]
             s_h = self._noise_level(yH)
-            Ah, yh, ch = self._binned(self.H_rows[:self.nH], yH)
-            wh = self.hg_weight * ch / s_h * self._age_weight(Ah.shape[0])
-            blocks_A.append(Ah * wh[:, None])
-            blocks_y.append(yh * wh)
-        if self.use_tau and self.nF >= 3 * self.bin:
-            yF = self.F_y[:self.nF]
-            Af, yf, cf = self._binned(self.F_rows[:self.nF], yF)
-            wf = cf / (self.tau_rel * np.maximum(np.abs(yf), 1e-300)) * self._age_weight(Af.shape[0])
-            blocks_A.append(Af * wf[:, None])
-            blocks_y.append(yf * wf)
-        M = np.concatenate(blocks_A)
-        rhs = np.concatenate(blocks_y)
-        if self.spectrum == "power":
-            return self._refit_power(M, rhs, A.shape[0], s_l)
-        if self.spectrum == "floorpow":
-            return self._refit_floorpow(M, rhs, A.shape[0], s_l)
+            Hb, hb, ch = self._bin(H, yH)
+            blocks_A.append(Hb * (self.hg_weight * ch / s_h)[:, None])
+            blocks_y.append(hb * self.hg_weight * ch / s_h)
+        M, rhs = np.concatenate(blocks_A), np.concatenate(blocks_y)
         scale = np.maximum(np.linalg.norm(M, axis=0), 1e-300)
-        Ms = M / scale
-        P = Ms.shape[1]
-        if self.ridge > 0:                                   # ridge on the column-normalised a, n (not on L∞)
-            Ms = np.concatenate([Ms, math.sqrt(self.ridge * M.shape[0]) * np.eye(P)[1:]])
-            rhs_r = np.concatenate([rhs, np.zeros(P - 1)])
-        else:
-            rhs_r = rhs
+        P = M.shape[1]
+        Xs, rr = M / scale, rhs
+        if self.ridge > 0:                                               # ridge on the normalised a, n (not L∞)
+            Xs = np.concatenate([Xs, math.sqrt(self.ridge * M.shape[0]) * np.eye(P)[1:]])
+            rr = np.concatenate([rhs, np.zeros(P - 1)])
         try:
-            xs, _ = nnls(Ms, rhs_r, maxiter=50 * P)
-        except RuntimeError:
-            self.ready = False
+            x, _ = nnls(Xs, rr, maxiter=50 * P)
+        except (RuntimeError, ValueError):
             return {"ok": 0.0}
-        theta = xs / scale
+        theta = x / scale
         res = M @ theta - rhs
-        chi2 = float((res[:A.shape[0]] ** 2).mean())          # ≈ 1 for a fit within the loss noise
-        self.theta_np = theta
-        self.theta = torch.from_numpy(theta.copy())
+        chi2 = float((res[:n_loss] ** 2).mean())
+        self.theta_np, self.theta = theta, torch.from_numpy(theta.copy())
         self.ready = bool(np.isfinite(theta).all()) and chi2 < self.max_chi2
-        K = self.K
-        e_now = theta[1:1 + K] * self.phi + theta[1 + K:] * self.psi
+        e_now = self.state().numpy()
         self.diag = {"ok": float(self.ready), "chi2": chi2, "L_inf": float(theta[0]),
-                     "reducible": float(e_now.sum()), "noise_mass": float(theta[1 + K:].sum()),
+                     "reducible": float(e_now.sum()), "floor_per_eta": float((theta[1 + K:] / k).sum() / 2),
                      "loss_noise": s_l}
         return self.diag
 
-    def _refit_power(self, M: np.ndarray, rhs: np.ndarray, n_loss: int, s_l: float) -> dict:
-        """θ restricted to power-law spectra a_k = A (κ_k/κ_mid)^α, n_k = N (κ_k/κ_mid)^β: NNLS for (L∞, A, N) on
-        every (α, β) of the grid, the best residual wins."""
-        K = self.K
-        r = self.kappa_np / math.sqrt(self.kappa_np[0] * self.kappa_np[-1])
-        best = None
-        for al in self.alphas:
-            pa = r ** al
-            ca = M[:, 1:1 + K] @ pa
-            for be in self.betas:
-                pb = r ** be
-                X = np.stack([M[:, 0], ca, M[:, 1 + K:] @ pb], 1)
-                sc = np.maximum(np.linalg.norm(X, axis=0), 1e-300)
-                x, rn = nnls(X / sc, rhs)
-                if best is None or rn < best[0]:
-                    best = (rn, x / sc, pa, pb, al, be)
-        rn, x, pa, pb, al, be = best
-        theta = np.concatenate([[x[0]], x[1] * pa, x[2] * pb])
-        res = M @ theta - rhs
-        chi2 = float((res[:n_loss] ** 2).mean())
-        self.theta_np = theta
-        self.theta = torch.from_numpy(theta.copy())
-        self.ready = bool(np.isfinite(theta).all()) and chi2 < self.max_chi2
-        e_now = theta[1:1 + K] * self.phi + theta[1 + K:] * self.psi
-        self.diag = {"ok": float(self.ready), "chi2": chi2, "L_inf": float(theta[0]), "alpha": al, "beta": be,
-                     "reducible": float(e_now.sum()), "noise_mass": float(theta[1 + K:].sum()), "loss_noise": s_l}
-        return self.diag
-
-    def _refit_floorpow(self, M: np.ndarray, rhs: np.ndarray, n_loss: int, s_l: float) -> dict:
-        """Free initial masses a_k ≥ 0; noise with a power-law floor spectrum: the equilibrium floor per unit η of
-        mode k, n_k/κ_k, is F (κ_k/κ_mid)^γ (γ on a grid; γ = 0: the floor spread evenly over log-curvature, i.e.
-        over relaxation times).  Residual + gamma_prior·γ²·rows picks γ."""
-        K = self.K
-        r = self.kappa_np / math.sqrt(self.kappa_np[0] * self.kappa_np[-1])
-        best = None
-        nrow = M.shape[0]
-        for ga in self.gammas:
-            pn = self.kappa_np * r ** ga                 # n_k = κ_k · F r_k^γ
-            X = np.concatenate([M[:, :1 + K], (M[:, 1 + K:] @ pn)[:, None]], 1)
-            sc = np.maximum(np.linalg.norm(X, axis=0), 1e-300)
-            Xs = X / sc
-            P = Xs.shape[1]
-            if self.ridge > 0:
-                Xs = np.concatenate([Xs, math.sqrt(self.ridge * nrow) * np.eye(P)[1:]])
-                rr = np.concatenate([rhs, np.zeros(P - 1)])
-            else:
-                rr = rhs
-            x, rn = nnls(Xs, rr, maxiter=50 * P)
-            score = rn ** 2 + self.gamma_prior * ga ** 2 * nrow
-            if best is None or score < best[0]:
-                best = (score, x / sc, pn, ga)
-        _, x, pn, ga = best
-        theta = np.concatenate([x[:1 + K], x[1 + K] * pn])
-        res = M @ theta - rhs
-        chi2 = float((res[:n_loss] ** 2).mean())
-        self.theta_np = theta
-        self.theta = torch.from_numpy(theta.copy())
-        self.ready = bool(np.isfinite(theta).all()) and chi2 < self.max_chi2
-        e_now = theta[1:1 + K] * self.phi + theta[1 + K:] * self.psi
-        self.diag = {"ok": float(self.ready), "chi2": chi2, "L_inf": float(theta[0]), "gamma": ga,
-                     "reducible": float(e_now.sum()), "noise_mass": float(theta[1 + K:].sum()), "loss_noise": s_l}
-        return self.diag
-
     def state(self) -> torch.Tensor:
-        """e(t): the fitted loss share of every mode now (K,)."""
+        """e(t): the fitted loss share of every mode at the step about to run (K,)."""
         K = self.K
         return torch.from_numpy(self.theta_np[1:1 + K] * self.phi + self.theta_np[1 + K:] * self.psi)
 
@@ -1248,59 +1216,49 @@ class FewModeSurrogate:
         L_inf, n = self.theta[0], self.theta[1 + K:]
         e = self.state()
         eta = eta_future.reshape(-1, 1).to(torch.float64)
-        logf = torch.log((1.0 - eta * self.kappa) ** 2 + 1e-300)              # (n_rem, K)
+        a = eta * self.kappa
+        logf = torch.log((1.0 - a) ** 2 + 1e-300)                              # (n_rem, K)
         total = logf.sum(0)
         after = total - logf.cumsum(0)                                          # Σ_{τ'>τ} log f_τ'
-        noise = (eta ** 2 * torch.exp(after)).sum(0)                            # (K,)
+        # an unstable schedule (ηκ > 2 for long) gives a huge but finite forecast, never inf·0 = nan
+        total, after = total.clamp(max=60.0), after.clamp(max=60.0)
+        noise = (self._r_torch(a) * eta ** 2 * torch.exp(after)).sum(0)        # (K,)
         return L_inf + (e * torch.exp(total) + n * noise).sum()
 
     def predict_history(self) -> np.ndarray:
         """The fitted loss at every observed step (diagnostics)."""
-        return self.L_rows[:self.nL] @ self.theta_np
-
-
-
-
-class TrajectoryForecast:
-    """GRAFF's forecast of the loss at the end of the budget (docs/method.md, "The forecast model"): the few-mode
-    surrogate above, fed with the run's own history, created at the first step (when the horizon in steps is
-    known), refitted at every update and rolled out with the planner's future learning rates.
-
-    observe(step, eta, loss, steps_left)   every step: the loss measured at θ_step and the LR the step then used
-    observe_hypergradient(step, value)     at u+1: the measured −⟨g_{u+1}, u_u⟩ = ∂ℓ_{u+1}/∂η_u
-    refit(); ready; terminal_loss(etas)    the fit, whether it passed its checks, L̂_T for the remaining LRs"""
-
-    def __init__(self, lr_init: float):
-        self.lr_init = lr_init
-        self.model: FewModeSurrogate | None = None
-        self.hypergradient: float | None = None
-
-    def observe(self, step: int, eta: float, loss: float, steps_left: float) -> None:
-        if self.model is None:
-            self.model = FewModeSurrogate(self.lr_init, max(int(step + steps_left), 16))
-        self.model.observe(step, eta, loss, self.hypergradient)
-        self.hypergradient = None
-
-    def observe_hypergradient(self, step: int, value: float) -> None:
-        self.hypergradient = value
-
-    def refit(self) -> dict:
-        return self.model.refit() if self.model is not None else {"ok": 0.0}
-
-    @property
-    def ready(self) -> bool:
-        return self.model is not None and self.model.ready
-
-    def terminal_loss(self, etas: torch.Tensor) -> torch.Tensor:
-        return self.model.terminal_loss(etas).float()
+        return np.concatenate([np.ones((self.n, 1)), self.PHI[:self.n], self.PSI[:self.n]], 1) @ self.theta_np
 
     def state_dict(self) -> dict:
-        return {"model": self.model.__dict__ if self.model is not None else None}
+        """Everything, for a checkpoint (arrays and scalars: the history is the forecast's state)."""
+        return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
-        if state["model"] is not None:
-            self.model = FewModeSurrogate.__new__(FewModeSurrogate)
-            self.model.__dict__.update(state["model"])
+        vars(self).update(state)
+
+
+class _InwardClamp(torch.autograd.Function):
+    """clamp(x, lo, hi) whose gradient passes where a descent step would move x back inside [lo, hi] (or x is
+    inside or on the bound), and is 0 where it would push x further out.  A plain clamp has zero gradient outside,
+    so a planner whose LR starts above the cap could never bring it down."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi = lo, hi
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        inside = (x >= ctx.lo) & (x <= ctx.hi)
+        inward = ((x > ctx.hi) & (g > 0)) | ((x < ctx.lo) & (g < 0))     # descent (−g) moves x toward [lo, hi]
+        return torch.where(inside | inward, g, torch.zeros_like(g)), None, None
+
+
+def soft_clamp(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """clamp(x, lo, hi) with the inward gradient of _InwardClamp."""
+    return _InwardClamp.apply(x, lo, hi)
 
 
 @dataclass
@@ -1343,7 +1301,8 @@ class GRAFF(Planner):
     """GRAFF: a graph-recurrent, budget-aware, differentiable LR planner (docs/method.md).
 
     Every step: η_t = lr_init·exp(W_0·r_t) from the latest state h̄ and the budget left b_t, projected onto the
-    stability guard; token multipliers m_{t,i} from W_{1:K}·r_t and per-token features.
+    stability guard (with a linear warmup over the first `warmup_fraction` of the horizon, as every schedule
+    here); token multipliers m_{t,i} from W_{1:K}·r_t and per-token features.
     Every `update_every` steps (an update step u, then u+1):
       u    the encoder runs (node features from the curvature, the probe entropy, the budget and the gradient
            norms) and updates h; the curvature pair (u, u+1) starts; the step's first sequences are kept.
@@ -1385,7 +1344,7 @@ class GRAFF(Planner):
         self.h_bar = torch.zeros(self.cfg.hidden_dim)                    # mean_i h_{t,i}, detached
         self.curv.reset_pair()
         self.curv.num_ema = self.curv.den_ema = 0.0
-        self.forecast = TrajectoryForecast(self.lr_init) if self.cfg.objective == "terminal" else None
+        self.forecast: TrajectoryForecast | None = None               # made at the first step (needs the horizon)
         self.pending: PendingUpdate | None = None
         self.sample: TokenSample | None = None
         self.readout_now = readout(self.h_bar, 1.0, self.cfg.use_budget)
@@ -1463,11 +1422,12 @@ class GRAFF(Planner):
         self.regret.add(ctx.loss)
         b_t = ctx.budget_left
         outer_norm = None
-        observed = self.curv.pending and self.curv.observe()       # the pair (u, u+1): λ̂ and the hypergradient
-        if observed:
+        if c.objective == "terminal" and self.forecast is None:
+            beta1 = float(self.opt_cfg.betas[0])
+            self.forecast = TrajectoryForecast(self.lr_init, max(int(t + ctx.steps_left), 16), tau_beta=beta1,
+                                               momentum=beta1)
+        if self.curv.pending and self.curv.observe():                # the pair (u, u+1): λ̂ and the hypergradient
             self.activity["curvature"] += 1
-            if self.forecast is not None:
-                self.forecast.observe_hypergradient(t, self.curv.hypergradient)
             if self.pending is not None and not c.freeze:
                 outer_norm = self.outer_update(ctx, b_t)
         self.pending = None
@@ -1480,11 +1440,14 @@ class GRAFF(Planner):
             self.last.update(entropy_mean=float(x[0, 1]), h_norm=float(self.h.norm()))
         self.readout_now = readout(self.h_bar, b_t, c.use_budget)
         W0 = self.guarded_eta_row(self.readout_now)
-        eta = self.lr_init * torch.exp(W0 @ (readout(h_bar, b_t, c.use_budget) if update else self.readout_now))
+        warmup = min(1.0, ctx.progress / c.warmup_fraction) if c.warmup_fraction > 0 else 1.0
+        eta = self.lr_init * max(warmup, MIN_MULTIPLIER) * \
+            torch.exp(W0 @ (readout(h_bar, b_t, c.use_budget) if update else self.readout_now))
         W0 = W0.detach()
         self.eta = float(eta.detach())
-        if self.forecast is not None:
-            self.forecast.observe(t, self.eta, ctx.loss, ctx.steps_left)
+        if self.forecast is not None:                                 # the run's own history, every step
+            temperature = noise_temperature(self.params, self.optimizer) if update else None
+            self.forecast.observe(t, self.eta, ctx.loss, temperature=temperature)
         if update:
             self.pending = PendingUpdate(h_bar, eta, self.readout_now.detach(), self.sample)
             if self.sample is not None:
@@ -1549,12 +1512,17 @@ class GRAFF(Planner):
     def outer_update(self, ctx: StepContext, b_now: float) -> float:
         """Adam step on W and the encoder from the objective's gradient (class docstring); returns its norm."""
         p, c = self.pending, self.cfg
-        objective = torch.zeros(())
+        objective = torch.zeros((), dtype=torch.float64)
+        future_b = None
         if c.objective == "terminal":
-            self.forecast.refit()
-            if self.forecast.ready:
-                objective = objective + self.forecast.terminal_loss(self.future_etas(p.h_bar, ctx, b_now))
+            if ctx.step >= MIN_STEPS and self.forecast.refit().get("ok") and self.forecast.ready:
+                future_b = self.future_budget(ctx, b_now)
+                forecast = self.forecast.terminal_loss(self.future_etas(p.h_bar, future_b))
+                reducible = max(float(forecast.detach()) - float(self.forecast.theta[0]), 1e-300)
+                objective = objective + forecast / reducible              # scale-free (Adam is too, nearly)
                 self.activity["forecast"] += 1
+                self.last.update(forecast_final_loss=float(forecast.detach()),
+                                 forecast_irreducible=float(self.forecast.theta[0]))
         else:                                                          # greedy: ∂L_{u+1}/∂η_u = −⟨g_{u+1}, u_u⟩
             objective = objective + self.curv.hypergradient * p.eta
         if p.tokens is not None and p.tokens.phi.numel():
@@ -1569,21 +1537,41 @@ class GRAFF(Planner):
         objective.backward()
         norm = float(torch.sqrt(sum((q.grad ** 2).sum() for q in self.net.parameters() if q.grad is not None)))
         if math.isfinite(norm):
+            w_old = self.net.W[0].detach().clone()
             self.outer.step()
             self.activity["outer"] += 1
+            if future_b is not None:
+                self.keep_in_trust_region(w_old, p.h_bar.detach(), future_b)
         return norm
 
-    def future_etas(self, h_bar: torch.Tensor, ctx: StepContext, b_now: float) -> torch.Tensor:
-        """η of this and every remaining step of the horizon under the current W (differentiable in W and h̄): b
-        falls linearly from b_now to its value at the horizon's end over ctx.steps_left steps; each η is clamped to
-        the slab and the guard as the projection would."""
+    @torch.no_grad()
+    def keep_in_trust_region(self, w_old: torch.Tensor, h_bar: torch.Tensor, future_b: torch.Tensor) -> None:
+        """After a terminal update: scale W_0's change so that log η(b) moves by at most TRUST over the remaining
+        budget, and keep κ and ρ in their ranges (the forecast is a model: follow it slowly)."""
+        dw = self.net.W[0] - w_old
+        change = float((readout(h_bar, future_b, self.cfg.use_budget) @ dw).abs().max())
+        if change > TRUST:
+            dw *= TRUST / change
+        w_new = w_old + dw
+        w_new[-3].clamp_(*RHO_RANGE)
+        w_new[-2].clamp_(*KAPPA_RANGE)
+        self.net.W[0].copy_(w_new)
+
+    @staticmethod
+    def future_budget(ctx: StepContext, b_now: float) -> torch.Tensor:
+        """b at this and every remaining step of the training horizon: falling linearly from b_now to its value at
+        the horizon's end (what the final evaluation's reserve leaves) over ctx.steps_left steps."""
         n = max(int(round(ctx.steps_left)), 1)
         end = max(ctx.budget_left - (1.0 - ctx.budget_left) / max(ctx.progress, 1e-9) * (1.0 - ctx.progress),
                   0.0) if ctx.progress > 0 else 0.0
-        b = torch.linspace(b_now, end, n, dtype=torch.float32)              # this step's b, then the rest
+        return torch.linspace(b_now, end, n, dtype=torch.float64)
+
+    def future_etas(self, h_bar: torch.Tensor, future_b: torch.Tensor) -> torch.Tensor:
+        """η at those budget values under the current W (differentiable in W and h̄), clamped to the slab and the
+        guard as the projection would (a clamp that lets a gradient back inside pass: soft_clamp)."""
         lo, hi = self.eta_bounds()
-        log_mult = (readout(h_bar, b, self.cfg.use_budget) @ self.net.W[0]).clamp(lo, hi)
-        return self.lr_init * torch.exp(log_mult)
+        log_mult = readout(h_bar.double(), future_b, self.cfg.use_budget) @ self.net.W[0].double()
+        return self.lr_init * torch.exp(soft_clamp(log_mult, lo, hi))
 
     def token_coefficients(self, sample: TokenSample) -> torch.Tensor:
         """c_i = ∂L_{u+1}/∂m_{u,i} = −η_u·clip_u·⟨P g_{u+1}, ∇ℓ_{u,i}(θ_u)⟩ / n_u for the kept tokens: (n_s,), by
@@ -1608,8 +1596,27 @@ class GRAFF(Planner):
         self.h, self.h_bar = state["h"], state["h_bar"]
         self.curv.load_state_dict(state["curv"])
         vars(self.regret).update(state["regret"])
-        if self.forecast is not None and state["forecast"] is not None:
+        if state["forecast"] is not None:
+            self.forecast = TrajectoryForecast.__new__(TrajectoryForecast)
             self.forecast.load_state_dict(state["forecast"])
+
+
+@torch.no_grad()
+def noise_temperature(params: Sequence[nn.Parameter], optimizer) -> float | None:
+    """T = Σ_i (v̂_i − m̂_i²)/(√v̂_i + ε) from AdamW's moments: the gradient-noise temperature whose η·T/(4(1 − c)) is
+    the equilibrium noise floor of the loss at LR η (docs/method.md).  None before AdamW's first step."""
+    groups = {id(q): g for g in optimizer.param_groups for q in g["params"]} if optimizer is not None else {}
+    total = None
+    for p in params:
+        state, group = optimizer.state.get(p, {}) if optimizer is not None else {}, groups.get(id(p))
+        if "exp_avg_sq" not in state or group is None or "betas" not in group:
+            return None
+        k = float(state["step"])
+        b1, b2 = group["betas"]
+        m, v = state["exp_avg"] / (1 - b1 ** k), state["exp_avg_sq"] / (1 - b2 ** k)
+        part = ((v - m * m).clamp(min=0) / (v.sqrt() + group["eps"])).sum()
+        total = part if total is None else total + part
+    return float(total) if total is not None else None
 
 
 def preconditioned_gradient(params: Sequence[nn.Parameter], optimizer) -> list[torch.Tensor]:
