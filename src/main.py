@@ -290,7 +290,8 @@ class TrialConfig:               # what mode=trial shrinks a run to
     pretrain_overrides: List[str] = field(default_factory=lambda: [
         "model.parameter_count=null", "model.embedded.layers=2", "model.embedded.hidden=64", "model.embedded.heads=2",
         "model.embedded.kv_heads=1", "model.embedded.head_dim=32", "model.embedded.intermediate=128",
-        "model.lora.r=4", "evaluation.max_problems=8"])
+        "model.lora.r=4", "evaluation.max_problems=8", "training.global_batch_size=8", "training.micro_batch_size=4",
+        "training.gradient_accumulation_steps=2"])
 
 
 @dataclass
@@ -649,13 +650,14 @@ def check_results_dir(path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 def apply_mode(cfg: DictConfig, explicit: set[str]) -> None:
     """Set in code, before any W&B call.  trial: W&B disabled, no search, one epoch, `trial.steps` optimiser
-    steps, `trial.eval_problems` dev problems, no checkpoints.  full: W&B online (the run falls back to offline by
+    steps (per episode, and at most two episodes), `trial.eval_problems` dev problems, no checkpoints.  full: W&B online (the run falls back to offline by
     itself without a key or network), unless the command line chose a W&B mode."""
     if cfg.mode == "trial":
         cfg.wandb.mode = "disabled"
         cfg.optuna.n_trials = 0
         cfg.training.max_epochs = 1
         cfg.training.total_steps = min(cfg.training.total_steps, cfg.trial.steps)
+        cfg.training.episodes = min(cfg.training.episodes, 2)     # a pre-training: the switch of episodes runs once
         limit = cfg.evaluation.max_problems
         cfg.evaluation.max_problems = min(limit, cfg.trial.eval_problems) if limit else cfg.trial.eval_problems
         cfg.checkpointing.enabled = False
@@ -702,8 +704,6 @@ def prepare_warm_start(cfg: DictConfig) -> dict:
     from src.preprocess import prepare_hub_access
     prepare_hub_access([pre.model.name, pre.dataset.name])
     apply_mode(pre, explicit)
-    if cfg.mode == "trial":
-        pre.training.episodes = min(pre.training.episodes, 2)
     pre.wandb.mode, pre.checkpointing.enabled, pre.optuna.n_trials = "disabled", False, 0
     from src.model import GRAFF_FORMAT
     from src.preprocess import CACHE_DIR

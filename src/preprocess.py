@@ -472,7 +472,9 @@ def load_rows(ds_cfg, split: str, streaming: bool):
     """A `datasets` Dataset (map-style) or IterableDataset (streaming) of raw rows, cached in .cache/."""
     import datasets
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # CRITICAL, not ERROR: a file datasets cannot parse becomes our own one-line error below; datasets' logged copy
+    # of it would be a second, multi-line message on stderr (its handler may even hold a stream closed since)
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     path, kwargs = dataset_source(ds_cfg)
     cache = str(CACHE_DIR / "datasets")
     if path != "json" and streaming and hub_offline():

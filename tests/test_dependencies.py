@@ -25,7 +25,7 @@ IMPORT_TO_DISTRIBUTION = {"yaml": "PyYAML", "pynvml": "nvidia-ml-py", "sklearn":
 NEEDED_MINIMUM = {
     "matplotlib": ("3.9", "evaluate.py calls boxplot(tick_labels=...), added in 3.9"),
     "peft": ("0.18", "peft 0.17 imports transformers.HybridCache, which transformers 5 removed"),
-    "optuna": ("5.0", "main.py imports optuna.storages.RetryHeartbeatStaleTrialCallback, new in 5.0"),
+    "optuna": ("4.9", "main.py imports optuna.storages.RetryHeartbeatStaleTrialCallback, new in 4.9"),
     "numpy": ("2.0", "pyarrow, which datasets reads through, refuses to import with NumPy 1.x"),
     "scipy": ("1.13", "scipy 1.11 fails to import with NumPy 2 and 1.12 requires NumPy < 1.29"),
     "statsmodels": ("0.14.2", "statsmodels 0.14.0 fails to import with NumPy 2 and 0.14.1 requires NumPy < 2"),

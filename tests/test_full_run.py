@@ -117,8 +117,8 @@ def test_periodic_evaluations_use_the_subset_and_the_final_one_the_whole_split(t
     [path] = ev.local_segments(results, "comparative-4-iter1-tiny-synthetic")
     history, summary, _, _ = ev.read_wandb_file(path)
     sizes = [r[tr.EVAL_PROBLEMS] for r in history if tr.EVAL_PROBLEMS in r]
-    assert sizes[0] == 50 and sizes[-1] == 200 and set(sizes[:-1]) == {50}
-    assert len(summary[tr.FINAL_CORRECT]) == 200
+    assert sizes[0] == 50 and sizes[-1] == 1000 and set(sizes[:-1]) == {50}     # the synthetic test split
+    assert len(summary[tr.FINAL_CORRECT]) == 1000
 
 
 @pytest.mark.integration

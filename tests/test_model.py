@@ -5,6 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from src.main import ModelConfig
 from src.model import TokenLoss, build_model
 from tests.helpers import REPO, random_batch
 
@@ -13,7 +14,7 @@ from tests.helpers import REPO, random_batch
 def test_build_model_hands_over_a_training_model_that_checkpoints_from_the_first_step(checkpointing):
     """from_pretrained returns the base model in eval mode, where transformers skips gradient checkpointing; the
     model must be in training mode throughout (LoRA dropout and checkpointing on) before any evaluation."""
-    cfg = OmegaConf.load(os.path.join(REPO, "config", "config.yaml")).model
+    cfg = OmegaConf.structured(ModelConfig)                 # the schema's defaults
     cfg.name, cfg.parameter_count, cfg.dtype = "embedded", None, "float32"
     loaded = build_model(cfg, checkpointing, torch.device("cpu"))
     assert [type(m).__name__ for m in loaded.peft.modules() if not m.training] == []

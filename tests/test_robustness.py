@@ -19,6 +19,7 @@ from tests.helpers import REPO, inject_nan
 from tests.fake_wandb import FakeWandbServer
 
 TINY = "comparative-4-iter1-tiny-synthetic"
+COLD = "training.scheduler.warm_start_ckpt=null"   # GRAFF from scratch: these tests are not about the warm start
 
 
 def cli(argv, module=entry):
@@ -215,7 +216,7 @@ def _damage(kind: str, tmp_path: Path) -> tuple[list[str], str]:
     else:
         test.write_text("")
         words = "holds no rows"
-    return [f"dataset.name={folder}", "dataset.streaming=false"], words
+    return [f"dataset.name={folder}", "dataset.streaming=false", "dataset.validation_size=8"], words
 
 
 DAMAGED = ["checkpoint empty", "checkpoint truncated", "checkpoint of the wrong kind", "warm-start empty",
@@ -254,7 +255,7 @@ def _history(results, run_id):
 def test_a_nan_loss_is_skipped_logged_and_the_run_finishes(tmp_path, monkeypatch):
     inject_nan(monkeypatch, {3, 4})
     code = entry.run([f"run=proposed-iter1-tiny-synthetic", f"results_dir={tmp_path}", "mode=full",
-                      "wandb.mode=offline", "training.total_steps=8", "evaluation.at_start=false",
+                      "wandb.mode=offline", "training.total_steps=8", COLD, "evaluation.at_start=false",
                       "evaluation.interval_steps=0", "evaluation.max_problems=8"])
     assert code == 0
     history, summary, _, finished = _history(tmp_path, "proposed-iter1-tiny-synthetic")
@@ -342,7 +343,7 @@ def test_wandb_server_lost_mid_run_finishes_and_the_printed_sync_uploads_everyth
 def test_sigkill_after_a_checkpoint_then_resume_continues_without_gap(tmp_path):
     cmd = [sys.executable, "-u", "-m", "src.main", "run=proposed-iter1-tiny-synthetic", f"results_dir={tmp_path}",
            "mode=full", "wandb.mode=offline", "training.budget_minutes=0.5", "checkpointing.interval_minutes=0.08",
-           "evaluation.interval_steps=20"]
+           "evaluation.interval_steps=20", "evaluation.max_problems=100", COLD]
     ckpt = tmp_path / "proposed-iter1-tiny-synthetic" / "checkpoint.pt"
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -372,7 +373,7 @@ def test_sigkill_after_a_checkpoint_then_resume_continues_without_gap(tmp_path):
         assert {k: history[steps.index(s)][k] for k in row} == row
     assert finished and summary["train/steps"] == steps[-1]
     clock = [r[tr.ELAPSED] for r in history if tr.ELAPSED in r and r["_step"] > saved["step"]]
-    assert clock[0] >= saved["spent_s"]                     # the clock continues from the time already spent
+    assert clock[0] >= saved["budget"]["spent"]                    # the clock continues from the time already spent
     assert summary["final/elapsed_s"] <= 30.0 + max(r[tr.STEP_TIME] for r in history if tr.STEP_TIME in r)
     third = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert third.returncode == 0 and "already finished" in third.stdout and "step " not in third.stdout
