@@ -54,13 +54,16 @@ from src.preprocess import (STOP_STRINGS, PromptFormat, TrainStream, UserError, 
 # ----------------------------------------------------------------------------------------------------
 # 1. The budget
 # ----------------------------------------------------------------------------------------------------
+EVAL_MARGIN = 1.1   # the final evaluation's reserve: 10% above its worst rate so far
+
+
 class Budget:
     """B and the questions the loop asks about it.
 
     Units: seconds of wall-clock (`unit="seconds"`: everything counts, evaluations included) or optimiser steps
     (`unit="steps"`: each step is one unit, evaluations are free).  It owns the clock (read at step boundaries
     and around evaluations; synchronised on a GPU), the step-time estimate (an EMA of step durations), the reserve
-    for the final evaluation (the longest evaluation time per problem so far × the final evaluation's problems)
+    for the final evaluation (EVAL_MARGIN × the longest evaluation time per problem so far × its problems)
     and the marks (wall-clock minutes at which the whole dev split is evaluated).
 
     Stopping rule: a step may start while spent + step estimate + reserve ≤ B (the first step always may), so
@@ -106,7 +109,9 @@ class Budget:
     # -- the questions the loop asks ---------------------------------------------------------------------------
     @property
     def reserve(self) -> float:
-        return self.eval_rate * self.final_problems if self.unit == "seconds" else 0.0
+        """The final evaluation's expected time, with EVAL_MARGIN: the same evaluation varies by several percent
+        from one run to the next on a loaded machine, and the final one is the only one that must fit."""
+        return EVAL_MARGIN * self.eval_rate * self.final_problems if self.unit == "seconds" else 0.0
 
     @property
     def horizon(self) -> float:
