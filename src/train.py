@@ -48,8 +48,8 @@ from src.evaluate import (AUC, BEST_EM, BUDGET_LEFT, BUDGET_MINUTES, BUDGET_STEP
                           PLANNER_PREFIX, PLANNER_TIME, PROBLEM_DIGEST, SKIPPED, SPEED_PROBE, STATUS, STEP_TIME, STEPS,
                           TOKENS_PER_S, auc_over_budget, em_at_mark)
 from src.model import StepContext, TokenBatch, answer_positions, build_model, build_planner, quiet_libraries
-from src.preprocess import (STOP_STRINGS, PromptFormat, TrainStream, UserError, collate, generation_batches, load_problems,
-                            percent, problem_set_digest, read_jsonl_problems, score_completions)
+from src.preprocess import (STOP_STRINGS, MicroBatch, PromptFormat, TrainStream, UserError, collate, generation_batches,
+                            load_problems, percent, problem_set_digest, read_jsonl_problems, score_completions)
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The budget
@@ -461,6 +461,46 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------------------------------
 # 6. One optimiser step
 # ----------------------------------------------------------------------------------------------------
+class Stopwatch:
+    """Accumulates the time spent inside `with watch:` blocks (the planner's share of a step).
+
+    On a GPU each block is bracketed by two CUDA events recorded on the stream: the device's time between them, with
+    no host wait (a `synchronize` around every block would stall the host each time and let the device run dry).
+    `total` reads the events; read after the loop's clock has synchronised (Budget.end_step), it waits for nothing.
+    Work of the planner that the device overlaps with the model's costs nothing this way, as it costs the run nothing.
+    On the CPU it is the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.cuda = device, device.type == "cuda"
+        self._seconds = 0.0                 # the CPU's blocks
+        self._events: list = []             # the GPU's blocks: (start, end) events
+
+    def __enter__(self):
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events.append([start, None])
+        else:
+            self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events[-1][1] = end
+        else:
+            self._seconds += time.perf_counter() - self._t0
+
+    @property
+    def total(self) -> float:
+        """Seconds inside the blocks so far."""
+        if not self.cuda:
+            return self._seconds
+        if self._events:
+            self._events[-1][1].synchronize()    # the last block done, so are the others (one stream)
+        return sum(start.elapsed_time(end) for start, end in self._events) / 1000.0
+
+
 @dataclass
 class StepResult:
     ok: bool
@@ -468,48 +508,51 @@ class StepResult:
     grad_norm: float
     eta: float
     tokens: int
-    planner_s: float = 0.0     # time inside the planner's calls (its overhead)
+    watch: Stopwatch | None = field(default=None, repr=False)    # the planner's calls
+
+    @property
+    def planner_s(self) -> float:
+        """Time inside the planner's calls (its overhead), in seconds; read lazily (see Stopwatch.total)."""
+        return self.watch.total if self.watch is not None else 0.0
 
 
-class Stopwatch:
-    """Accumulates the time spent inside `with watch:` blocks (synchronised on a GPU)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.total = device, 0.0
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def __enter__(self):
-        self._t0 = self._now()
-
-    def __exit__(self, *exc):
-        self.total += self._now() - self._t0
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to `device` without making the host wait for the device: through pinned (page-locked)
+    memory, asynchronously (a copy from ordinary memory waits for the stream).  On the CPU: the tensor itself."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def optimiser_step(planner, micro_batches, device, autocast, clip: float, ctx: StepContext) -> StepResult:
-    """Forward/backward every micro-batch (one backward each), ask the planner for η_t, clip, step."""
+    """Forward/backward every micro-batch (one backward each), ask the planner for η_t, clip, step.
+
+    The step reads from the device once: the loss and the gradient norm, together, after the last backward (the
+    finite check and the planner need them as numbers).  Until then the host only queues work: the micro-batches
+    are copied asynchronously, the answer tokens' ids and relative positions are computed on the host from the CPU
+    batch, the losses are summed on the device and clipping uses the norm on the device.  Synchronisations inside
+    the model's forward or inside a planner are theirs (bench/gpu_bench.py counts them on a GPU)."""
     token_loss, optimizer, params = planner.token_loss, planner.optimizer, planner.params
     n_total = sum(mb.n_answer_tokens for mb in micro_batches)      # the loss is the mean over the whole step
     loss_sum = torch.zeros((), device=device)
     watch = Stopwatch(device)
     for index, raw in enumerate(micro_batches):
-        mb = raw.to(device)
+        mb = MicroBatch(*(to_device(t, device) for t in (raw.input_ids, raw.attention_mask, raw.answer_mask)))
+        targets = to_device(raw.input_ids[:, 1:][raw.answer_mask[:, 1:]], device)
+        positions = to_device(answer_positions(raw.answer_mask), device)
         with autocast():
             losses = token_loss(mb.input_ids, mb.attention_mask, mb.answer_mask)    # (n,) fp32
         with watch:   # the probe and the token weights are the planner's cost
-            tokens = TokenBatch(mb, mb.input_ids[:, 1:][mb.answer_mask[:, 1:]], losses.detach(),
-                                answer_positions(mb.answer_mask), token_loss.probe_entropy(mb.answer_mask), index,
-                                ctx.step)
+            tokens = TokenBatch(mb, targets, losses.detach(), positions, token_loss.probe_entropy(mb.answer_mask),
+                                index, ctx.step)
             weights = planner.weigh_tokens(tokens)                                  # m_{t,i} or None
         weighted = (losses * weights).sum() if weights is not None else losses.sum()
         (weighted / n_total).backward()
         loss_sum += losses.detach().sum()
-    loss = float(loss_sum) / max(n_total, 1)
     grads = [p.grad for p in params if p.grad is not None]
-    grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+    loss_total, grad_norm = torch.stack([loss_sum, norm.to(loss_sum.dtype)]).tolist()   # the step's one read
+    loss = loss_total / max(n_total, 1)
     n_tokens = sum(mb.n_tokens for mb in micro_batches)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -522,14 +565,14 @@ def optimiser_step(planner, micro_batches, device, autocast, clip: float, ctx: S
         raise RuntimeError(f"planner {type(planner).__name__} returned η={eta} (must be finite and > 0)")
     if clip > 0:
         ctx.grad_scale = min(1.0, clip / (grad_norm + 1e-6))
-        torch.nn.utils.clip_grads_with_norm_(grads, clip, torch.tensor(grad_norm))
+        torch.nn.utils.clip_grads_with_norm_(grads, clip, norm)
     for group in optimizer.param_groups:
         group["lr"] = eta
     optimizer.step()
     with watch:
         planner.after_step(ctx)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(True, loss, grad_norm, eta, n_tokens, watch.total)
+    return StepResult(True, loss, grad_norm, eta, n_tokens, watch)
 
 
 def pick_device(name: str) -> torch.device:
