@@ -249,6 +249,8 @@ class EvaluationConfig:
     periodic_problems: Optional[int] = 256     # step-0 and periodic evaluations use this fixed random subset
     batch_size: int = 256
     max_new_tokens: int = 256
+    engine: str = "merged"                     # generate | merged | static: how the greedy completions are computed
+                                               # (the same completions; src/train.py, section 4, EVAL_ENGINES)
     at_start: bool = True                      # evaluate the untrained model at step 0 (counted in the budget)
     marks_minutes: List[int] = field(default_factory=lambda: [30, 60])   # dev EM at these wall-clock marks
 

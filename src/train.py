@@ -31,7 +31,7 @@ import resource
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -349,23 +349,87 @@ def evaluation_mode(model, planner):
         planner.on_eval(False)
 
 
+# How the greedy completions are computed (evaluation.engine).  All three give the same completions: the same greedy
+# decoding by transformers' `generate`, stopping at the same strings (tests/test_speed.py compares them string for
+# string on the embedded model); they differ in speed.
+#   generate  the PEFT model as it trains: every adapted projection runs its base weight and its two LoRA factors
+#             (three matrix products and peft's Python per projection and decoding step); the KV cache grows as it
+#             decodes (DynamicCache)
+#   merged    LoRA merged into the base weights for the evaluation (merged_lora: one matrix product per projection,
+#             the base weights restored bit for bit afterwards); otherwise as `generate`
+#   static    merged, with a static KV cache sized once for every batch (StaticCache, max_cache_len): on a GPU
+#             transformers then compiles the decoding step (torch.compile with CUDA graphs, at the first evaluation,
+#             inside the budget) and decoding stops being bound by Python; on the CPU the same code runs uncompiled
+# With random weights (nothing stops early) the Qwen3-0.6B shape's evaluation of 1,319 problems × 256 new tokens
+# is measured per engine by bench/gpu_bench.py.
+EVAL_ENGINES = ("generate", "merged", "static")
+STATIC_CACHE_STEP = 128     # the static cache's length is rounded up to this, so that few lengths are ever compiled
+
+
+@contextmanager
+def merged_lora(model):
+    """LoRA merged into the base weights inside the block; the base weights bit-identical after it.
+
+    peft's unmerge subtracts the delta it added, which in floating point does not give back the same bits (in bf16
+    least of all), and training would then go on from slightly different weights after every evaluation.  So the
+    adapted layers' base weights are copied first, and after peft's unmerge (which also resets its merged state)
+    the copies are written back.  The copy costs device memory once per evaluation (Qwen3-0.6B's adapted
+    projections in bf16: about 0.9 GB).  Works on any model with peft's LoRA layers injected (a PeftModel or its
+    base model)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(p, p.detach().clone()) for m in layers for p in m.get_base_layer().parameters()]
+    try:
+        for layer in layers:
+            layer.merge()
+        yield
+    finally:
+        for layer in layers:
+            if layer.merged:
+                layer.unmerge()
+        with torch.no_grad():
+            for p, copy in saved:
+                p.copy_(copy)
+
+
 @torch.no_grad()
-def generate_and_score(peft_model, tokenizer, batches, problems, max_new_tokens: int, autocast) -> tuple[list, list]:
+def generate_and_score(peft_model, tokenizer, batches, problems, max_new_tokens: int, autocast,
+                       engine: str = "generate") -> tuple[list, list]:
     """Greedy completions for every problem, in length-sorted batches (least padding), scored strict and flexible.
     Generation stops at the end-of-sequence token, at lm-evaluation-harness's GSM8K stop strings or after
-    `max_new_tokens`; scoring cuts each completion at the first stop string, as the harness does."""
+    `max_new_tokens`; scoring cuts each completion at the first stop string, as the harness does.  `engine` is one
+    of EVAL_ENGINES."""
     from transformers import GenerationConfig
+    if engine not in EVAL_ENGINES:
+        raise UserError(f"evaluation.engine={engine} is not an engine: use one of {', '.join(EVAL_ENGINES)}")
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, use_cache=True, stop_strings=list(STOP_STRINGS))
+    rows = 0
+    if engine == "static":
+        # One shape for every batch of this evaluation, so that the compiled decoding step is compiled once: one
+        # cache length (transformers also keeps the longest it has seen for later evaluations) and one batch size
+        # (a smaller last batch is padded with copies of its last prompt, whose completions are dropped).
+        widest = max((ids.shape[1] for _, ids, _ in batches), default=1)
+        rows = max((ids.shape[0] for _, ids, _ in batches), default=0)
+        gen.cache_implementation = "static"
+        gen.max_cache_len = math.ceil((widest + max_new_tokens) / STATIC_CACHE_STEP) * STATIC_CACHE_STEP
     completions = [""] * len(problems)
     device = next(peft_model.parameters()).device
-    for positions, ids, attn in batches:
-        with autocast():
-            out = peft_model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen,
-                                      tokenizer=tokenizer)
-        texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        for pos, text in zip(positions, texts):
-            completions[pos] = text
+    # Decoder layers compiled for training (training.compile_layers) run eagerly here, except under the static
+    # engine on a GPU, where transformers compiles the whole decoding step around them: called with a growing KV
+    # cache they would be compiled again for every new length.
+    eager = engine != "static" or device.type != "cuda"
+    with (merged_lora(peft_model) if engine != "generate" else nullcontext()), \
+            (torch.compiler.set_stance("force_eager") if eager else nullcontext()):
+        for positions, ids, attn in batches:
+            if ids.shape[0] < rows:
+                ids, attn = (torch.cat([t, t[-1:].expand(rows - t.shape[0], -1)]) for t in (ids, attn))
+            with autocast():
+                out = peft_model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                          generation_config=gen, tokenizer=tokenizer)
+            texts = tokenizer.batch_decode(out[:len(positions), ids.shape[1]:], skip_special_tokens=True)
+            for pos, text in zip(positions, texts):
+                completions[pos] = text
     return score_completions(completions, problems)
 
 
@@ -377,14 +441,19 @@ def loss_batches(fmt: PromptFormat, problems, batch_size: int) -> list:
 
 @torch.no_grad()
 def mean_answer_loss(token_loss, batches, autocast) -> float:
-    """Teacher-forced mean loss over the answer tokens of `batches` (the loss at B, a lower-variance metric)."""
+    """Teacher-forced mean loss over the answer tokens of `batches` (the loss at B, a lower-variance metric).
+
+    Decoder layers compiled for training (training.compile_layers) run eagerly here: in eval mode without gradients
+    they would be compiled once more, inside the budget, for a forward pass of seconds that a run makes a few
+    times (in the CPU rehearsal of bench/gpu_bench.py that compilation made this loss take 98 s)."""
     total, count = 0.0, 0
-    for mb in batches:
-        mb = mb.to(next(token_loss.parameters()).device)
-        with autocast(), token_loss.no_probe():
-            losses = token_loss(mb.input_ids, mb.attention_mask, mb.answer_mask, checkpoint_head=False)
-        total += float(losses.double().sum())
-        count += losses.numel()
+    with torch.compiler.set_stance("force_eager"):
+        for mb in batches:
+            mb = mb.to(next(token_loss.parameters()).device)
+            with autocast(), token_loss.no_probe():
+                losses = token_loss(mb.input_ids, mb.attention_mask, mb.answer_mask, checkpoint_head=False)
+            total += float(losses.double().sum())
+            count += losses.numel()
     return total / max(count, 1)
 
 
@@ -807,7 +876,7 @@ class Recipe:
         model_time, started = self.budget.now(), time.perf_counter()
         with evaluation_mode(self.model, self.planner):
             strict, flexible = generate_and_score(self.model, self.tokenizer, batches, problems,
-                                                  self.e.max_new_tokens, self.autocast)
+                                                  self.e.max_new_tokens, self.autocast, self.e.engine)
             loss = mean_answer_loss(self.planner.token_loss, self.loss_batches["whole" if whole else "subset"],
                                     self.autocast)
         self.budget.record_evaluation(self.budget.now() - model_time, len(problems))   # in the budget's units
@@ -880,7 +949,8 @@ class Recipe:
         if self.contam_batches is not None:
             with evaluation_mode(self.model, self.planner):
                 strict, flexible = generate_and_score(self.model, self.tokenizer, self.contam_batches,
-                                                      self.contamination, self.e.max_new_tokens, self.autocast)
+                                                      self.contamination, self.e.max_new_tokens, self.autocast,
+                                                      self.e.engine)
             summary.update({CONTAM_EM: percent(strict), CONTAM_EM_FLEX: percent(flexible),
                             CONTAM_PROBLEMS: len(self.contamination)})
             print(f"contamination set: EM strict {percent(strict):.1f}% flexible {percent(flexible):.1f}% "
