@@ -232,6 +232,8 @@ class TrainingConfig:
     max_epochs: int = 1000
     mixed_precision: str = "bf16"              # bf16 | fp32 (autocast dtype of the forward pass)
     gradient_checkpointing: bool = True
+    compile_layers: bool = False               # torch.compile each decoder layer (a GPU speed-up; compiles at the first
+                                               # steps, inside the budget; config/presets/gpu-fast.yaml)
     clip_grad_norm: float = 1.0                # 0 = no clipping
     device: str = "auto"                       # auto | cpu | cuda
     probe_vocab: int = 4096                    # sub-vocabulary of the first-layer entropy probe

@@ -716,7 +716,7 @@ class Recipe:
         torch.manual_seed(cfg.seed)
         self.device = pick_device(t.device)
         self.autocast = make_autocast(self.device, t.mixed_precision)
-        loaded = build_model(cfg.model, t.gradient_checkpointing, self.device)
+        loaded = build_model(cfg.model, t.gradient_checkpointing, self.device, t.compile_layers)
         self.model, self.tokenizer = loaded.peft, loaded.tokenizer
         print(f"model: {loaded.source} | {loaded.n_params / 1e6:,.1f} M parameters, {loaded.n_trainable / 1e6:,.2f} "
               f"M trainable (LoRA r={cfg.model.lora.r}) | device {self.device}")
