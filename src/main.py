@@ -234,6 +234,8 @@ class TrainingConfig:
     max_epochs: int = 1000
     mixed_precision: str = "bf16"              # bf16 | fp32 (autocast dtype of the forward pass)
     gradient_checkpointing: bool = True
+    compile_layers: bool = False               # torch.compile each decoder layer (a GPU speed-up; compiles at the first
+                                               # steps, inside the budget; config/presets/gpu-fast.yaml)
     clip_grad_norm: float = 1.0                # 0 = no clipping
     device: str = "auto"                       # auto | cpu | cuda
     probe_vocab: int = 4096                    # sub-vocabulary of the first-layer entropy probe
@@ -251,6 +253,8 @@ class EvaluationConfig:
     periodic_problems: Optional[int] = 256     # step-0 and periodic evaluations use this fixed random subset
     batch_size: int = 256
     max_new_tokens: int = 256
+    engine: str = "merged"                     # generate | merged | static: how the greedy completions are computed
+                                               # (the same completions; src/train.py, section 4, EVAL_ENGINES)
     at_start: bool = True                      # evaluate the untrained model at step 0 (counted in the budget)
     marks_minutes: List[int] = field(default_factory=lambda: [30, 60])   # dev EM at these wall-clock marks
 

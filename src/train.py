@@ -31,7 +31,7 @@ import resource
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,8 +48,8 @@ from src.evaluate import (AUC, BEST_EM, BUDGET_LEFT, BUDGET_MINUTES, BUDGET_STEP
                           PLANNER_PREFIX, PLANNER_TIME, PROBLEM_DIGEST, SKIPPED, SPEED_PROBE, STATUS, STEP_TIME, STEPS,
                           TOKENS_PER_S, auc_over_budget, em_at_mark)
 from src.model import StepContext, TokenBatch, answer_positions, build_model, build_planner, quiet_libraries
-from src.preprocess import (STOP_STRINGS, PromptFormat, TrainStream, UserError, collate, generation_batches, load_problems,
-                            percent, problem_set_digest, read_jsonl_problems, score_completions)
+from src.preprocess import (STOP_STRINGS, MicroBatch, PromptFormat, TrainStream, UserError, collate, generation_batches,
+                            load_problems, percent, problem_set_digest, read_jsonl_problems, score_completions)
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The budget
@@ -354,23 +354,87 @@ def evaluation_mode(model, planner):
         planner.on_eval(False)
 
 
+# How the greedy completions are computed (evaluation.engine).  All three give the same completions: the same greedy
+# decoding by transformers' `generate`, stopping at the same strings (tests/test_speed.py compares them string for
+# string on the embedded model); they differ in speed.
+#   generate  the PEFT model as it trains: every adapted projection runs its base weight and its two LoRA factors
+#             (three matrix products and peft's Python per projection and decoding step); the KV cache grows as it
+#             decodes (DynamicCache)
+#   merged    LoRA merged into the base weights for the evaluation (merged_lora: one matrix product per projection,
+#             the base weights restored bit for bit afterwards); otherwise as `generate`
+#   static    merged, with a static KV cache sized once for every batch (StaticCache, max_cache_len): on a GPU
+#             transformers then compiles the decoding step (torch.compile with CUDA graphs, at the first evaluation,
+#             inside the budget) and decoding stops being bound by Python; on the CPU the same code runs uncompiled
+# With random weights (nothing stops early) the Qwen3-0.6B shape's evaluation of 1,319 problems × 256 new tokens
+# is measured per engine by bench/gpu_bench.py.
+EVAL_ENGINES = ("generate", "merged", "static")
+STATIC_CACHE_STEP = 128     # the static cache's length is rounded up to this, so that few lengths are ever compiled
+
+
+@contextmanager
+def merged_lora(model):
+    """LoRA merged into the base weights inside the block; the base weights bit-identical after it.
+
+    peft's unmerge subtracts the delta it added, which in floating point does not give back the same bits (in bf16
+    least of all), and training would then go on from slightly different weights after every evaluation.  So the
+    adapted layers' base weights are copied first, and after peft's unmerge (which also resets its merged state)
+    the copies are written back.  The copy costs device memory once per evaluation (Qwen3-0.6B's adapted
+    projections in bf16: about 0.9 GB).  Works on any model with peft's LoRA layers injected (a PeftModel or its
+    base model)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(p, p.detach().clone()) for m in layers for p in m.get_base_layer().parameters()]
+    try:
+        for layer in layers:
+            layer.merge()
+        yield
+    finally:
+        for layer in layers:
+            if layer.merged:
+                layer.unmerge()
+        with torch.no_grad():
+            for p, copy in saved:
+                p.copy_(copy)
+
+
 @torch.no_grad()
-def generate_and_score(peft_model, tokenizer, batches, problems, max_new_tokens: int, autocast) -> tuple[list, list]:
+def generate_and_score(peft_model, tokenizer, batches, problems, max_new_tokens: int, autocast,
+                       engine: str = "generate") -> tuple[list, list]:
     """Greedy completions for every problem, in length-sorted batches (least padding), scored strict and flexible.
     Generation stops at the end-of-sequence token, at lm-evaluation-harness's GSM8K stop strings or after
-    `max_new_tokens`; scoring cuts each completion at the first stop string, as the harness does."""
+    `max_new_tokens`; scoring cuts each completion at the first stop string, as the harness does.  `engine` is one
+    of EVAL_ENGINES."""
     from transformers import GenerationConfig
+    if engine not in EVAL_ENGINES:
+        raise UserError(f"evaluation.engine={engine} is not an engine: use one of {', '.join(EVAL_ENGINES)}")
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, use_cache=True, stop_strings=list(STOP_STRINGS))
+    rows = 0
+    if engine == "static":
+        # One shape for every batch of this evaluation, so that the compiled decoding step is compiled once: one
+        # cache length (transformers also keeps the longest it has seen for later evaluations) and one batch size
+        # (a smaller last batch is padded with copies of its last prompt, whose completions are dropped).
+        widest = max((ids.shape[1] for _, ids, _ in batches), default=1)
+        rows = max((ids.shape[0] for _, ids, _ in batches), default=0)
+        gen.cache_implementation = "static"
+        gen.max_cache_len = math.ceil((widest + max_new_tokens) / STATIC_CACHE_STEP) * STATIC_CACHE_STEP
     completions = [""] * len(problems)
     device = next(peft_model.parameters()).device
-    for positions, ids, attn in batches:
-        with autocast():
-            out = peft_model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen,
-                                      tokenizer=tokenizer)
-        texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        for pos, text in zip(positions, texts):
-            completions[pos] = text
+    # Decoder layers compiled for training (training.compile_layers) run eagerly here, except under the static
+    # engine on a GPU, where transformers compiles the whole decoding step around them: called with a growing KV
+    # cache they would be compiled again for every new length.
+    eager = engine != "static" or device.type != "cuda"
+    with (merged_lora(peft_model) if engine != "generate" else nullcontext()), \
+            (torch.compiler.set_stance("force_eager") if eager else nullcontext()):
+        for positions, ids, attn in batches:
+            if ids.shape[0] < rows:
+                ids, attn = (torch.cat([t, t[-1:].expand(rows - t.shape[0], -1)]) for t in (ids, attn))
+            with autocast():
+                out = peft_model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                          generation_config=gen, tokenizer=tokenizer)
+            texts = tokenizer.batch_decode(out[:len(positions), ids.shape[1]:], skip_special_tokens=True)
+            for pos, text in zip(positions, texts):
+                completions[pos] = text
     return score_completions(completions, problems)
 
 
@@ -382,14 +446,19 @@ def loss_batches(fmt: PromptFormat, problems, batch_size: int) -> list:
 
 @torch.no_grad()
 def mean_answer_loss(token_loss, batches, autocast) -> float:
-    """Teacher-forced mean loss over the answer tokens of `batches` (the loss at B, a lower-variance metric)."""
+    """Teacher-forced mean loss over the answer tokens of `batches` (the loss at B, a lower-variance metric).
+
+    Decoder layers compiled for training (training.compile_layers) run eagerly here: in eval mode without gradients
+    they would be compiled once more, inside the budget, for a forward pass of seconds that a run makes a few
+    times (in the CPU rehearsal of bench/gpu_bench.py that compilation made this loss take 98 s)."""
     total, count = 0.0, 0
-    for mb in batches:
-        mb = mb.to(next(token_loss.parameters()).device)
-        with autocast(), token_loss.no_probe():
-            losses = token_loss(mb.input_ids, mb.attention_mask, mb.answer_mask, checkpoint_head=False)
-        total += float(losses.double().sum())
-        count += losses.numel()
+    with torch.compiler.set_stance("force_eager"):
+        for mb in batches:
+            mb = mb.to(next(token_loss.parameters()).device)
+            with autocast(), token_loss.no_probe():
+                losses = token_loss(mb.input_ids, mb.attention_mask, mb.answer_mask, checkpoint_head=False)
+            total += float(losses.double().sum())
+            count += losses.numel()
     return total / max(count, 1)
 
 
@@ -466,6 +535,46 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------------------------------
 # 6. One optimiser step
 # ----------------------------------------------------------------------------------------------------
+class Stopwatch:
+    """Accumulates the time spent inside `with watch:` blocks (the planner's share of a step).
+
+    On a GPU each block is bracketed by two CUDA events recorded on the stream: the device's time between them, with
+    no host wait (a `synchronize` around every block would stall the host each time and let the device run dry).
+    `total` reads the events; read after the loop's clock has synchronised (Budget.end_step), it waits for nothing.
+    Work of the planner that the device overlaps with the model's costs nothing this way, as it costs the run nothing.
+    On the CPU it is the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.cuda = device, device.type == "cuda"
+        self._seconds = 0.0                 # the CPU's blocks
+        self._events: list = []             # the GPU's blocks: (start, end) events
+
+    def __enter__(self):
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events.append([start, None])
+        else:
+            self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events[-1][1] = end
+        else:
+            self._seconds += time.perf_counter() - self._t0
+
+    @property
+    def total(self) -> float:
+        """Seconds inside the blocks so far."""
+        if not self.cuda:
+            return self._seconds
+        if self._events:
+            self._events[-1][1].synchronize()    # the last block done, so are the others (one stream)
+        return sum(start.elapsed_time(end) for start, end in self._events) / 1000.0
+
+
 @dataclass
 class StepResult:
     ok: bool
@@ -473,48 +582,51 @@ class StepResult:
     grad_norm: float
     eta: float
     tokens: int
-    planner_s: float = 0.0     # time inside the planner's calls (its overhead)
+    watch: Stopwatch | None = field(default=None, repr=False)    # the planner's calls
+
+    @property
+    def planner_s(self) -> float:
+        """Time inside the planner's calls (its overhead), in seconds; read lazily (see Stopwatch.total)."""
+        return self.watch.total if self.watch is not None else 0.0
 
 
-class Stopwatch:
-    """Accumulates the time spent inside `with watch:` blocks (synchronised on a GPU)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.total = device, 0.0
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def __enter__(self):
-        self._t0 = self._now()
-
-    def __exit__(self, *exc):
-        self.total += self._now() - self._t0
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to `device` without making the host wait for the device: through pinned (page-locked)
+    memory, asynchronously (a copy from ordinary memory waits for the stream).  On the CPU: the tensor itself."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def optimiser_step(planner, micro_batches, device, autocast, clip: float, ctx: StepContext) -> StepResult:
-    """Forward/backward every micro-batch (one backward each), ask the planner for η_t, clip, step."""
+    """Forward/backward every micro-batch (one backward each), ask the planner for η_t, clip, step.
+
+    The step reads from the device once: the loss and the gradient norm, together, after the last backward (the
+    finite check and the planner need them as numbers).  Until then the host only queues work: the micro-batches
+    are copied asynchronously, the answer tokens' ids and relative positions are computed on the host from the CPU
+    batch, the losses are summed on the device and clipping uses the norm on the device.  Synchronisations inside
+    the model's forward or inside a planner are theirs (bench/gpu_bench.py counts them on a GPU)."""
     token_loss, optimizer, params = planner.token_loss, planner.optimizer, planner.params
     n_total = sum(mb.n_answer_tokens for mb in micro_batches)      # the loss is the mean over the whole step
     loss_sum = torch.zeros((), device=device)
     watch = Stopwatch(device)
     for index, raw in enumerate(micro_batches):
-        mb = raw.to(device)
+        mb = MicroBatch(*(to_device(t, device) for t in (raw.input_ids, raw.attention_mask, raw.answer_mask)))
+        targets = to_device(raw.input_ids[:, 1:][raw.answer_mask[:, 1:]], device)
+        positions = to_device(answer_positions(raw.answer_mask), device)
         with autocast():
             losses = token_loss(mb.input_ids, mb.attention_mask, mb.answer_mask)    # (n,) fp32
         with watch:   # the probe and the token weights are the planner's cost
-            tokens = TokenBatch(mb, mb.input_ids[:, 1:][mb.answer_mask[:, 1:]], losses.detach(),
-                                answer_positions(mb.answer_mask), token_loss.probe_entropy(mb.answer_mask), index,
-                                ctx.step)
+            tokens = TokenBatch(mb, targets, losses.detach(), positions, token_loss.probe_entropy(mb.answer_mask),
+                                index, ctx.step)
             weights = planner.weigh_tokens(tokens)                                  # m_{t,i} or None
         weighted = (losses * weights).sum() if weights is not None else losses.sum()
         (weighted / n_total).backward()
         loss_sum += losses.detach().sum()
-    loss = float(loss_sum) / max(n_total, 1)
     grads = [p.grad for p in params if p.grad is not None]
-    grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+    loss_total, grad_norm = torch.stack([loss_sum, norm.to(loss_sum.dtype)]).tolist()   # the step's one read
+    loss = loss_total / max(n_total, 1)
     n_tokens = sum(mb.n_tokens for mb in micro_batches)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -527,14 +639,14 @@ def optimiser_step(planner, micro_batches, device, autocast, clip: float, ctx: S
         raise RuntimeError(f"planner {type(planner).__name__} returned η={eta} (must be finite and > 0)")
     if clip > 0:
         ctx.grad_scale = min(1.0, clip / (grad_norm + 1e-6))
-        torch.nn.utils.clip_grads_with_norm_(grads, clip, torch.tensor(grad_norm))
+        torch.nn.utils.clip_grads_with_norm_(grads, clip, norm)
     for group in optimizer.param_groups:
         group["lr"] = eta
     optimizer.step()
     with watch:
         planner.after_step(ctx)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(True, loss, grad_norm, eta, n_tokens, watch.total)
+    return StepResult(True, loss, grad_norm, eta, n_tokens, watch)
 
 
 def pick_device(name: str) -> torch.device:
@@ -609,7 +721,7 @@ class Recipe:
         torch.manual_seed(cfg.seed)
         self.device = pick_device(t.device)
         self.autocast = make_autocast(self.device, t.mixed_precision)
-        loaded = build_model(cfg.model, t.gradient_checkpointing, self.device)
+        loaded = build_model(cfg.model, t.gradient_checkpointing, self.device, t.compile_layers)
         self.model, self.tokenizer = loaded.peft, loaded.tokenizer
         print(f"model: {loaded.source} | {loaded.n_params / 1e6:,.1f} M parameters, {loaded.n_trainable / 1e6:,.2f} "
               f"M trainable (LoRA r={cfg.model.lora.r}) | device {self.device}")
@@ -769,7 +881,7 @@ class Recipe:
         model_time, started = self.budget.now(), time.perf_counter()
         with evaluation_mode(self.model, self.planner):
             strict, flexible = generate_and_score(self.model, self.tokenizer, batches, problems,
-                                                  self.e.max_new_tokens, self.autocast)
+                                                  self.e.max_new_tokens, self.autocast, self.e.engine)
             loss = mean_answer_loss(self.planner.token_loss, self.loss_batches["whole" if whole else "subset"],
                                     self.autocast)
         self.budget.record_evaluation(self.budget.now() - model_time, len(problems))   # in the budget's units
@@ -842,7 +954,8 @@ class Recipe:
         if self.contam_batches is not None:
             with evaluation_mode(self.model, self.planner):
                 strict, flexible = generate_and_score(self.model, self.tokenizer, self.contam_batches,
-                                                      self.contamination, self.e.max_new_tokens, self.autocast)
+                                                      self.contamination, self.e.max_new_tokens, self.autocast,
+                                                      self.e.engine)
             summary.update({CONTAM_EM: percent(strict), CONTAM_EM_FLEX: percent(flexible),
                             CONTAM_PROBLEMS: len(self.contamination)})
             print(f"contamination set: EM strict {percent(strict):.1f}% flexible {percent(flexible):.1f}% "
