@@ -5,7 +5,7 @@
 #
 # Runs with the python3 it finds (torch, transformers, peft); packages that python lacks can come as wheels in
 # .whl/ (bench/README.md lists them), installed into /tmp/site first.  Writes into $OUT (default /tmp/gpu-checks):
-# checks.log (everything printed), planner_overhead.gpu.json, jvp_cost.gpu.json, determinism.gpu.json,
+# checks.log (everything printed), planner_overhead.gpu.json, token_gradient_cost.gpu.json, determinism.gpu.json,
 # run_metrics.json (what src.evaluate wrote for the run) and run_record.tgz (the run's W&B offline record and
 # src.evaluate's output).
 #
@@ -17,11 +17,12 @@
 #  3. The real CLI: a full run of proposed-iter1-Qwen3-0.6B-gsm8k on that model with a BUDGET_MIN-minute budget
 #     (no search first: optuna.n_trials=0), W&B offline, then src.evaluate on it (tokens/s, peak memory, NVML
 #     energy, evaluation time, as the pipeline reads them).
-#  4. bench/jvp_cost.py: GRAFF's per-token JVP against a no-grad forward, same model and data.
+#  4. bench/token_gradient_cost.py: GRAFF's token-multiplier products (finite differences) against the exact JVP
+#     and a no-grad forward, same model and data.
 #  5. bench/determinism.py: the same steps twice (fixed LR and GRAFF), compared bit for bit.
 # Each part has its own time limit, and one that fails does not stop the next.  Knobs (environment): OUT, PY,
-# LAYERS (28), BUDGET_MIN (2), STEPS (4), WARMUP (2), PLANNERS, VARIANTS (0: GRAFF with its own jvp_sequences
-# only; 1: also 0 and 2), PARTS (which of 2-5 to run, default "2 3 4 5"), EXTRA (more overrides for parts 2-5).
+# LAYERS (28), BUDGET_MIN (2), STEPS (4), WARMUP (2), PLANNERS, VARIANTS (0: GRAFF as configured only;
+# 1: also with the greedy objective and one token sequence), PARTS (which of 2-5 to run, default "2 3 4 5"), EXTRA (more overrides for parts 2-5).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-checks}
@@ -108,9 +109,9 @@ tar -czf "$OUT/run_record.tgz" -C $RESULTS --exclude='*.pt' --exclude='checkpoin
 fi
 
 if want 4; then
-part "4. GRAFF's per-token JVP"
+part "4. GRAFF's token-multiplier products"
 # shellcheck disable=SC2086
-timeout 120 $PY bench/jvp_cost.py --run $RUN --repeats 10 --out "$OUT/jvp_cost.gpu.json" $Q
+timeout 120 $PY bench/token_gradient_cost.py --run $RUN --repeats 10 --out "$OUT/token_gradient_cost.gpu.json" $Q
 fi
 
 if want 5; then

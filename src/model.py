@@ -431,7 +431,7 @@ class TokenLoss(nn.Module):
         """Token entropy H_i after the first adapter layer, at the answer positions of the last forward: (n,).
 
         A logit lens (final norm + LM head) on layer 0's output, restricted to the V_s most frequent answer
-        tokens: the full-vocabulary lens costs as much as the LM head itself (SPEC §8 notes); the sub-vocabulary
+        tokens: the full-vocabulary lens costs as much as the LM head itself (docs/method.md); the sub-vocabulary
         costs V_s/V of it (4,096 of 151,936 words: 2.7%).  It is an uncertainty signal, not a calibrated
         entropy.  Normalised by log(V_s), so it lies in [0, 1] for any model."""
         if self.probe_ids is None or self._layer0_out is None:
@@ -1681,10 +1681,8 @@ def per_token_jvp(lm: TokenLoss, batch: MicroBatch, tangents: dict[str, torch.Te
 
     θ are the trainable parameters, v = `tangents` (by parameter name).  Attention runs on the math kernel (the
     fused ones have no forward-mode derivative), in eval mode (no dropout: the derivative of the deterministic
-    loss) and without the entropy probe.  Forward mode, because the method allows one backward pass of the
-    model per step (SPEC §8).  Reverse-over-reverse (J v = ∂/∂u ⟨Jᵀu, v⟩) gives the same values with two more
-    backward passes over these sequences; measured (bench/jvp_cost.py), it was 1.5x faster on 2 CPU cores,
-    1.9x faster on one H100 machine and 5% slower on another (README, *Planner overhead*)."""
+    loss) and without the entropy probe.  GRAFF's first version computed this every step; it is now the exact
+    reference that tests/test_graff.py and bench/token_gradient_cost.py compare `finite_difference_jvp` with."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     primals = {name: q.detach() for name, q in lm.named_parameters() if q.requires_grad}
     was_training = lm.training

@@ -33,7 +33,7 @@ if TYPE_CHECKING:   # torch is imported where it is used, so that the entry poin
     import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CACHE_DIR = REPO_ROOT / ".cache"          # every data set and model is cached here (SPEC §2)
+CACHE_DIR = REPO_ROOT / ".cache"          # every data set and model is cached here
 SYNTHETIC = "synthetic"                   # dataset.name of the embedded generator
 
 

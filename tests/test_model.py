@@ -1,4 +1,4 @@
-"""The model as training receives it (SPEC §7): mode and gradient checkpointing from the first step."""
+"""The model as training receives it: mode and gradient checkpointing from the first step."""
 import os
 
 import pytest
