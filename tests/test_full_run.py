@@ -11,7 +11,7 @@ from src import train as tr
 from src.preprocess import synthetic_problem
 from tests.helpers import REPO
 
-BUDGET_MIN = 0.4
+BUDGET_MIN = 0.5
 
 
 def test_metric_names_are_defined_once_in_evaluate_and_train_writes_none_of_its_own():
@@ -75,7 +75,8 @@ def two_full_runs(tmp_path_factory):
         buffer = io.StringIO()
         with redirect_stdout(buffer):
             code = entry.run([f"run={run_id}", f"results_dir={results}", "mode=full",
-                              f"training.budget_minutes={BUDGET_MIN}", "evaluation.interval_steps=25", *extra])
+                              f"training.budget_minutes={BUDGET_MIN}", "evaluation.interval_steps=20",
+                              "evaluation.max_problems=100", *extra])   # of the 1,000: the final one fits in B
         assert code == 0
         outputs[run_id] = buffer.getvalue()
     mp.undo()
@@ -103,7 +104,7 @@ def test_full_run_stops_at_the_budget_and_logs_offline(two_full_runs):
     assert len(evals) >= 3 and all(tr.EM_FLEX in r and tr.ELAPSED in r for r in evals)
     assert evals[0]["_step"] == 0                               # the untrained model, at step 0
     assert summary[tr.FINAL_EM] == evals[-1][tr.EM]
-    assert len(summary[tr.FINAL_CORRECT]) == summary["eval/n_problems"] == 1000     # the synthetic test split
+    assert len(summary[tr.FINAL_CORRECT]) == summary["eval/n_problems"] == 100      # evaluation.max_problems
     losses = [r[tr.LOSS] for r in history if tr.LOSS in r]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10      # it learns
     assert "energy/joules" not in summary and summary["energy/available"] is False   # CPU: absent, never 0
@@ -117,8 +118,8 @@ def test_periodic_evaluations_use_the_subset_and_the_final_one_the_whole_split(t
     [path] = ev.local_segments(results, "comparative-4-iter1-tiny-synthetic")
     history, summary, _, _ = ev.read_wandb_file(path)
     sizes = [r[tr.EVAL_PROBLEMS] for r in history if tr.EVAL_PROBLEMS in r]
-    assert sizes[0] == 50 and sizes[-1] == 1000 and set(sizes[:-1]) == {50}     # the synthetic test split
-    assert len(summary[tr.FINAL_CORRECT]) == 1000
+    assert sizes[0] == 50 and sizes[-1] == 100 and set(sizes[:-1]) == {50}
+    assert len(summary[tr.FINAL_CORRECT]) == 100
 
 
 @pytest.mark.integration

@@ -20,6 +20,7 @@ from tests.fake_wandb import FakeWandbServer
 
 TINY = "comparative-4-iter1-tiny-synthetic"
 COLD = "training.scheduler.warm_start_ckpt=null"   # GRAFF from scratch: these tests are not about the warm start
+SMALL_EVAL = "evaluation.max_problems=100"         # of the synthetic test split's 1,000: these budgets are seconds
 
 
 def cli(argv, module=entry):
@@ -298,7 +299,7 @@ def test_unreachable_wandb_host_finishes_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}   # no W&B service shared with pytest
     env.update(WANDB_API_KEY="0" * 40, WANDB_BASE_URL="http://127.0.0.1:9")
     proc = subprocess.run([sys.executable, "-u", "-m", "src.main", f"run={TINY}", f"results_dir={tmp_path}",
-                           "mode=full", "training.budget_minutes=0.1", "wandb.init_timeout_s=5"], cwd=REPO, env=env,
+                           "mode=full", "training.budget_minutes=0.1", "wandb.init_timeout_s=5", SMALL_EVAL], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert "online start failed" in proc.stdout and "wandb sync" in proc.stdout
@@ -312,7 +313,7 @@ def test_wandb_server_lost_mid_run_finishes_and_the_printed_sync_uploads_everyth
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     env.update(WANDB_API_KEY="0" * 40, WANDB_BASE_URL=server.url)
     proc = subprocess.Popen([sys.executable, "-u", "-m", "src.main", f"run={TINY}", f"results_dir={tmp_path}",
-                             "mode=full", "training.budget_minutes=0.15", "wandb.finish_timeout_s=5"], cwd=REPO,
+                             "mode=full", "training.budget_minutes=0.15", "wandb.finish_timeout_s=5", SMALL_EVAL], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stdout:                  # the run starts online; then the server goes away, mid-run
@@ -343,7 +344,7 @@ def test_wandb_server_lost_mid_run_finishes_and_the_printed_sync_uploads_everyth
 def test_sigkill_after_a_checkpoint_then_resume_continues_without_gap(tmp_path):
     cmd = [sys.executable, "-u", "-m", "src.main", "run=proposed-iter1-tiny-synthetic", f"results_dir={tmp_path}",
            "mode=full", "wandb.mode=offline", "training.budget_minutes=0.5", "checkpointing.interval_minutes=0.08",
-           "evaluation.interval_steps=20", "evaluation.max_problems=100", COLD]
+           "evaluation.interval_steps=20", SMALL_EVAL, COLD]
     ckpt = tmp_path / "proposed-iter1-tiny-synthetic" / "checkpoint.pt"
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -386,7 +387,7 @@ def test_online_resume_after_sigkill_continues_the_server_run_without_gap_or_dup
     env.update(WANDB_API_KEY="0" * 40, WANDB_BASE_URL=server.url)
     cmd = [sys.executable, "-u", "-m", "src.main", f"run={TINY}", f"results_dir={tmp_path}", "mode=full",
            "training.budget_minutes=1", "checkpointing.interval_minutes=0.1", "evaluation.interval_steps=20",
-           "wandb.finish_timeout_s=30"]
+           "wandb.finish_timeout_s=30", SMALL_EVAL]
     ckpt = tmp_path / TINY / "checkpoint.pt"
     import torch
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
