@@ -1,29 +1,38 @@
 """Noisy-quadratic design lab for GRAFF's learning-rate objective (terminal forecast vs greedy hypergradient).
 
-    uv run python bench/noisy_quadratic.py            # the table (bench/results/noisy_quadratic.txt)
+    uv run python bench/noisy_quadratic.py               # the table, ~2-3 min on 2 cores
+    uv run python bench/noisy_quadratic.py --ablations   # cold-start variants (no temperature rows, with
+                                                         # hypergradient rows, faster outer lr, exact forecast)
+    ... --seed0 10 | --eta0-mult 0.5 | --eta0-mult 2 | --beta2 0.999 | --obs 0.05 | --x0 power   (robustness)
+
+Recorded output: bench/results/noisy_quadratic.txt.  Design notes: bench/terminal_forecast.md.
 
 Testbed (float64, CPU, vectorised over seeds and schedules)
 -----------------------------------------------------------
-d modes (200) with curvatures h_i = i^{-p}; initial displacement x_0 = 1 on every mode; mini-batch gradient
-g = h∘x + σ∘ξ with σ_i² = noise·h_i (gradient covariance proportional to the Hessian, as in the noisy quadratic
-model of Zhang et al. 2019, where noise ~ 1/batch size); excess loss L(x) = ½ Σ h_i x_i².  The planner never sees
-L(x): it sees the mini-batch loss ℓ_t = L∞ + L(x_t) + ⟨σ∘ξ_t, x_t⟩ + obs·L(x_0)·ζ_t (ξ, ζ standard normal; the
-⟨σ∘ξ, x⟩ term is the mini-batch loss's own noise consistent with its gradient, the ζ term the per-batch variance
-of the irreducible part), with L∞ = offset·L(x_0) unknown to it, and the measured one-step hypergradient
-∂ℓ_{t+1}/∂η_t = −⟨g_{t+1}, u_t⟩.  Optimisers: SGD, and Adam (β1 = 0.9, β2 = 0.95 by default, bias correction,
-ε = 1e-8, no weight decay).  Budget T = 1000 steps.  Reported: the true excess loss L(x_T), averaged over seeds,
-divided by that of linear decay with its peak tuned on the same grid; all schedules see the same noise
-(common random numbers), so the ratios are paired.
+d = 200 modes with curvatures h_i = i^{-p}; initial displacement x_0 = 1 on every mode (--x0 power: i^{-1/2});
+mini-batch gradient g = h∘x + σ∘ξ with σ_i² = noise·h_i (gradient covariance proportional to the Hessian, as in
+the noisy quadratic model of Zhang et al. 2019, noise ~ 1/batch size; "high" = 1e-2, "low" = 1e-3); excess loss
+L(x) = ½ Σ h_i x_i².  The planner never sees L(x): it sees the mini-batch loss
+ℓ_t = L∞ + L(x_t) + ⟨σ∘ξ_t, x_t⟩ + obs·L(x_0)·ζ_t (ξ, ζ standard normal; the ⟨σ∘ξ, x⟩ term is the mini-batch
+loss's own noise, consistent with its gradient; the ζ term the per-batch variance of the irreducible part,
+obs = 0.02), with L∞ = L(x_0) unknown to it; the one-step hypergradient −⟨g_{t+1}, u_t⟩; and the temperature
+T = Σ_i (v̂_i − m̂_i²)/(√v̂_i + ε) of Adam's moments (SGD: Σ_i (v̂_i − m̂_i²) from EMAs with β1, β2 kept for it).
+Optimisers: SGD, and Adam (β1 = 0.9, β2 = 0.95 by default, bias correction, ε = 1e-8, no weight decay).  SGD's LR
+is capped at 1.9 (= 1.9/h_max, GRAFF's stability guard) for every method.  Budget T = 1000 steps.  Reported: the
+true excess loss L(x_T), averaged over 4 seeds, divided by that of linear decay with its peak tuned on the same
+grid.  All schedules see the same noise (common random numbers), so the ratios are paired.
 
-Schedules (each peak tuned on a log grid with ratio 2^{1/3} per setting; 2% linear warm-up for all)
-----------------------------------------------------------------------------------------------------
+Schedules (peaks tuned on a log grid with ratio 2^{1/3}; 2% linear warm-up for all)
+---------------------------------------------------------------------------------
 constant, linear (decay to 0), cosine (to 0), wsd (decay over the last 20%, linearly to 0),
 greedy-hg: the current GRAFF rule, Adam on log η driven by the measured hypergradient −⟨g_{t+1}, u_t⟩·η_t
            (η_0 and the Adam lr tuned on a grid),
 greedy-oracle (SGD only): η_t = argmin_η E[L(x_{t+1}) | x_t] from the true state (capped; cap tuned),
 family-oracle: best of η(b) = C·(b + 0.01)^κ·e^{ρ b} over a grid of (C, κ, ρ) (b = fraction of budget left),
-terminal-cold: TerminalPlanner (bench/trajectory_forecast.py) from w = 0 (constant η_0 = tuned linear peak),
-terminal-warm: from a w pre-trained on other quadratics (episodes of the same planner), outer lr 1e-3.
+terminal-cold: TerminalPlanner (bench/trajectory_forecast.py, default_planner_kw below) from w = 0, i.e. constant
+           η_0 = the tuned linear peak until it learns otherwise,
+terminal-warm: from the w left by 6 pre-training episodes of the same planner on other quadratics
+           (p ~ U[1, 2], noise ~ logU[1e-3, 1e-2], other seeds), outer lr 1e-3.
 """
 from __future__ import annotations
 
@@ -198,9 +207,10 @@ def tune_schedule(prob: Problem, kind: str) -> tuple[float, float]:
 
 
 def tune_family(prob: Problem, peak: float) -> tuple[float, tuple]:
-    """Grid over (C, κ, ρ) around the linear peak; a second, finer pass around the best point."""
+    """Grid over (C, κ, ρ) (C: ½, 1, 2, 4 × the linear peak) around the linear peak; a second, finer pass around
+    the best point (C × 2^±½, κ ± ¼, ρ ± 1)."""
     best = (math.inf, None)
-    Cs = (peak * 2.0 ** torch.arange(-2, 3.01, 1.0)).clamp(max=eta_cap(prob.s))
+    Cs = torch.unique((peak * 2.0 ** torch.arange(-1, 2.01, 1.0)).clamp(max=eta_cap(prob.s)))
     ks = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
     rs = torch.tensor([-2.0, 0.0, 2.0, 4.0])
     for stage in range(2):
@@ -212,7 +222,7 @@ def tune_family(prob: Problem, peak: float) -> tuple[float, tuple]:
         if float(res[i]) < best[0]:
             best = (float(res[i]), (float(CC[i]), float(KK[i]), float(RR[i])))
         c, k, r = best[1]
-        Cs = (c * 2.0 ** torch.tensor([-0.5, 0.0, 0.5])).clamp(max=eta_cap(prob.s))
+        Cs = torch.unique((c * 2.0 ** torch.tensor([-0.5, 0.0, 0.5])).clamp(max=eta_cap(prob.s)))
         ks = torch.tensor([max(k - 0.25, 0.0), k, k + 0.25])
         rs = torch.tensor([r - 1.0, r, r + 1.0])
     return best
@@ -268,11 +278,14 @@ def run_greedy_oracle(prob: Problem, caps: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Terminal planner runs
 # ----------------------------------------------------------------------------------------------------
-def run_planner(prob: Problem, make_planner) -> tuple[float, list]:
+def run_planner(prob: Problem, make_planner, bind=None) -> tuple[float, list]:
     """One planner per seed (its own history), the S seeds simulated together.  Returns the mean final excess
-    and the planners (for diagnostics)."""
+    (inf if any seed diverged) and the planners.  `bind(planner, sim, j)` may attach the simulator (oracle)."""
     sim = Sim(prob, 1)
     planners = [make_planner(j) for j in range(prob.S)]
+    if bind is not None:
+        for j, pl in enumerate(planners):
+            bind(pl, sim, j)
     for t in range(prob.s.T):
         loss, hg = sim.observe()
         etas = torch.tensor([pl.eta(t) for pl in planners], dtype=DT)
@@ -284,16 +297,61 @@ def run_planner(prob: Problem, make_planner) -> tuple[float, list]:
     return float(torch.where(torch.isfinite(ex), ex, torch.full_like(ex, math.inf)).mean()), planners
 
 
+class OracleForecast:
+    """Diagnostic stand-in for TrajectoryForecast: the exact per-coordinate surrogate of the true current state
+    (SGD: exact expected dynamics; Adam: coordinates with their current preconditioner P = 1/√v̂ frozen, curvature
+    P·h, noise injection ½hP²σ²).  Measures what the planner rule achieves when the forecast is right."""
+
+    def __init__(self, prob: Problem):
+        self.prob, self.ready, self.theta, self.diag = prob, True, torch.zeros(1), {}
+
+    def bind(self, sim: Sim, j: int) -> None:
+        self.sim, self.j = sim, j
+
+    def observe(self, *args) -> None:
+        pass
+
+    def refit(self) -> dict:
+        s, sim, t = self.prob.s, self.sim, max(self.sim.t, 1)
+        if s.opt == "adam":
+            P = 1 / ((sim.v[0, self.j] / (1 - s.beta2 ** t)).sqrt() + 1e-8)
+        else:
+            P = torch.ones(s.d, dtype=DT)
+        h = self.prob.h
+        self.kap, self.e = P * h, 0.5 * h * sim.x[0, self.j] ** 2
+        self.n = 0.5 * h * P ** 2 * self.prob.sigma ** 2
+        return {}
+
+    def terminal_loss(self, eta: torch.Tensor) -> torch.Tensor:
+        logf = torch.log((1 - eta[:, None] * self.kap) ** 2 + 1e-300)
+        tot = logf.sum(0)
+        after = tot - logf.cumsum(0)
+        tot, after = tot.clamp(max=60.0), after.clamp(max=60.0)
+        return (self.e * torch.exp(tot) + self.n * (eta[:, None] ** 2 * torch.exp(after)).sum(0)).sum()
+
+
 def default_planner_kw(s: Setting) -> dict:
+    """The recommended design (see bench/trajectory_forecast.py): Adam on w with lr 0.02 every 10 steps, one
+    step per refit, trust region 0.1 in log η, updates from step 50; forecast with loss and temperature rows."""
     fkw = dict(momentum=s.beta1 if s.opt == "adam" else 0.0, tau_beta=s.beta1)
-    return dict(lr=0.05, every=10, inner=1, trust=0.2, min_steps=50, warmup=int(WARMUP * s.T), eta_max=eta_cap(s),
+    return dict(lr=0.02, every=10, inner=1, trust=0.1, min_steps=50, warmup=int(WARMUP * s.T), eta_max=eta_cap(s),
                 forecast_kw=fkw)
 
 
+def with_kw(kw: dict, **over) -> dict:
+    out = {**kw, "forecast_kw": dict(kw["forecast_kw"])}
+    for k, v in over.items():
+        if k == "forecast_kw":
+            out["forecast_kw"].update(v)
+        else:
+            out[k] = v
+    return out
+
+
 def pretrain(s: Setting, episodes: int, kw: dict, seed: int = 0) -> tuple[torch.Tensor, dict, list]:
-    """Run the planner over `episodes` short budgets on quadratics with other spectra, noise levels and seeds
-    (p ~ U[1, 2], log10 noise ~ U[-3, -2]), carrying w and Adam's state from one to the next; η_0 of each episode
-    is its tuned linear-decay peak (as in the test runs)."""
+    """Run the planner (online, the same rule as a cold run) over `episodes` budgets on quadratics with other
+    spectra, noise levels and seeds (p ~ U[1, 2], log10 noise ~ U[-3, -2]), carrying w and Adam's state from one
+    episode to the next; η_0 of each episode is its own tuned linear-decay peak (as in the test runs)."""
     g = torch.Generator().manual_seed(12345 + seed)
     w, state, log = None, None, []
     for e in range(episodes):
@@ -303,8 +361,7 @@ def pretrain(s: Setting, episodes: int, kw: dict, seed: int = 0) -> tuple[torch.
         prob = Problem(se, [500 + 17 * e + seed])
         _, peak = tune_schedule(prob, "linear")
         final, pls = run_planner(prob, lambda j: TerminalPlanner(peak, se.T, w0=w, adam_state=state, **kw))
-        pl = pls[0]
-        w, state = pl.w.detach().clone(), pl.opt.state_dict()
+        w, state = pls[0].w.detach().clone(), pls[0].opt.state_dict()
         log.append((p, noise, final, w.tolist()))
     return w, state, log
 
@@ -313,57 +370,98 @@ def pretrain(s: Setting, episodes: int, kw: dict, seed: int = 0) -> tuple[torch.
 # The table
 # ----------------------------------------------------------------------------------------------------
 SETTINGS = [(1.5, 1e-2), (1.5, 1e-3), (1.0, 1e-2), (2.0, 1e-2)]
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--opts", default="sgd,adam")
-    ap.add_argument("--episodes", type=int, default=6)
-    ap.add_argument("--no-oracle", action="store_true")
-    ap.add_argument("--no-warm", action="store_true")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    t_start = time.time()
-    rows = []
-    for opt in args.opts.split(","):
-        base = Setting(opt=opt)
-        kw = default_planner_kw(base)
-        if not args.no_warm:
-            w_pre, st_pre, log = pretrain(base, args.episodes, kw)
-            print(f"[{opt}] pre-trained w = (ρ, κ, c) = {[round(v, 3) for v in w_pre.tolist()]}", file=sys.stderr)
-        for p, noise in SETTINGS:
-            s = replace(base, p=p, noise=noise)
-            prob = Problem(s, list(range(args.seeds)))
-            lin, peak = tune_schedule(prob, "linear")
-            r = {"setting": s.name, "linear": lin, "peak": peak}
-            for kind in ("constant", "cosine", "wsd"):
-                r[kind] = tune_schedule(prob, kind)[0]
-            r["greedy-hg"] = tune_greedy_hg(prob, peak)[0]
-            if opt == "sgd":
-                caps = torch.cat([lr_grid(s), torch.tensor([math.inf])])
-                res = run_greedy_oracle(prob, caps)
-                r["greedy-oracle"] = float(res[torch.isfinite(res)].min())
-            if not args.no_oracle:
-                r["family-oracle"], r["family-w"] = tune_family(prob, peak)
-            r["terminal-cold"], pls = run_planner(prob, lambda j: TerminalPlanner(peak, s.T, **kw))
-            r["cold-w"] = pls[0].w.detach().tolist()
-            if not args.no_warm:
-                kw_w = {**kw, "lr": 1e-3}
-                r["terminal-warm"], _ = run_planner(prob, lambda j: TerminalPlanner(peak, s.T, w0=w_pre, **kw_w))
-            rows.append(r)
-            print_row(r, header=len(rows) == 1)
-    print(f"# {time.time() - t_start:.0f} s, {args.seeds} seeds", file=sys.stderr)
-
-
 COLS = ["constant", "cosine", "wsd", "greedy-hg", "greedy-oracle", "family-oracle", "terminal-cold", "terminal-warm"]
 
 
-def print_row(r: dict, header: bool) -> None:
+def reference_row(prob: Problem, oracle: bool = True) -> dict:
+    s = prob.s
+    lin, peak = tune_schedule(prob, "linear")
+    r = {"setting": s.name, "linear": lin, "peak": peak}
+    for kind in ("constant", "cosine", "wsd"):
+        r[kind] = tune_schedule(prob, kind)[0]
+    r["greedy-hg"] = tune_greedy_hg(prob, peak)[0]
+    if s.opt == "sgd":
+        res = run_greedy_oracle(prob, torch.cat([lr_grid(s), torch.tensor([math.inf], dtype=DT)]))
+        r["greedy-oracle"] = float(res[torch.isfinite(res)].min())
+    if oracle:
+        r["family-oracle"], r["family-w"] = tune_family(prob, peak)
+    return r
+
+
+def print_row(r: dict, cols: list[str], header: bool, out) -> None:
     if header:
-        print(f"{'setting':<18}{'linear':>10}" + "".join(f"{c:>15}" for c in COLS))
-    cells = "".join(f"{r[c] / r['linear']:>15.3f}" if c in r else f"{'-':>15}" for c in COLS)
-    print(f"{r['setting']:<18}{r['linear']:>10.3e}" + cells, flush=True)
+        print(f"{'setting':<18}{'linear':>10}" + "".join(f"{c:>{max(15, len(c) + 2)}}" for c in cols), file=out,
+              flush=True)
+    cells = "".join(f"{r[c] / r['linear']:>{max(15, len(c) + 2)}.3f}" if c in r else f"{'-':>{max(15, len(c) + 2)}}"
+                    for c in cols)
+    print(f"{r['setting']:<18}{r['linear']:>10.3e}" + cells, file=out, flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="noisy-quadratic table: final loss / tuned linear decay")
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--seed0", type=int, default=0, help="first noise seed (robustness: other seeds)")
+    ap.add_argument("--opts", default="sgd,adam")
+    ap.add_argument("--episodes", type=int, default=6, help="pre-training episodes for the warm start")
+    ap.add_argument("--no-oracle", action="store_true", help="skip the family grid search")
+    ap.add_argument("--no-warm", action="store_true")
+    ap.add_argument("--ablations", action="store_true",
+                    help="cold-start variants instead of the references: no temperature rows, with hypergradient "
+                         "rows, faster outer lr, the exact (oracle) forecast")
+    ap.add_argument("--eta0-mult", type=float, default=1.0, help="planner's η_0 = this × the tuned linear peak")
+    ap.add_argument("--beta2", type=float, default=0.95)
+    ap.add_argument("--obs", type=float, default=0.02)
+    ap.add_argument("--x0", default="ones")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t_start = time.time()
+    out = sys.stdout
+    print(f"# final excess loss / tuned linear decay, mean over seeds {args.seed0}..{args.seed0 + args.seeds - 1}; "
+          f"T=1000, d=200, obs={args.obs}, beta2={args.beta2}, x0={args.x0}, planner eta0 = {args.eta0_mult} x "
+          f"linear peak", file=out)
+    for opt in args.opts.split(","):
+        base = Setting(opt=opt, beta2=args.beta2, obs=args.obs, x0=args.x0)
+        kw = default_planner_kw(base)
+        w_pre = None
+        if not args.no_warm and not args.ablations:
+            w_pre, _, log = pretrain(base, args.episodes, kw)
+            print(f"# [{opt}] pre-trained w = (rho, kappa, c) = {[round(v, 3) for v in w_pre.tolist()]} after "
+                  f"{args.episodes} episodes (p, noise, final excess: "
+                  + ", ".join(f"({p:.2f}, {n:.1e}, {f:.2e})" for p, n, f, _ in log) + ")", file=out)
+        cols = COLS if not args.ablations else ["terminal-cold", "no-tau", "with-hg", "lr=0.05,trust=0.2",
+                                                 "exact-forecast"]
+        if args.eta0_mult != 1.0:
+            cols = cols + ["linear@eta0"]
+        for i, (p, noise) in enumerate(SETTINGS):
+            s = replace(base, p=p, noise=noise)
+            prob = Problem(s, list(range(args.seed0, args.seed0 + args.seeds)))
+            if args.ablations:
+                lin, peak = tune_schedule(prob, "linear")
+                r = {"setting": s.name, "linear": lin, "peak": peak}
+            else:
+                r = reference_row(prob, oracle=not args.no_oracle)
+                peak = r["peak"]
+            eta0 = peak * args.eta0_mult
+            if args.eta0_mult != 1.0:       # the fixed schedule with the same mis-set peak, for comparison
+                r["linear@eta0"] = float(run_fixed(prob, (eta0 * multiplier("linear", s.T)).clamp(max=eta_cap(s))[None])[0])
+            variants = {"terminal-cold": kw}
+            if args.ablations:
+                variants.update({"no-tau": with_kw(kw, forecast_kw={"use_tau": False}),
+                                 "with-hg": with_kw(kw, forecast_kw={"use_hypergrad": True}),
+                                 "lr=0.05,trust=0.2": with_kw(kw, lr=0.05, trust=0.2)})
+            for name, k in variants.items():
+                r[name], pls = run_planner(prob, lambda j: TerminalPlanner(eta0, s.T, **k))
+                r[name + "/w"] = pls[0].w.detach().tolist()
+            if args.ablations:
+                def bind(pl, sim, j):
+                    pl.fc = OracleForecast(prob)
+                    pl.fc.bind(sim, j)
+                r["exact-forecast"], _ = run_planner(prob, lambda j: TerminalPlanner(eta0, s.T, **kw), bind)
+            if w_pre is not None:
+                r["terminal-warm"], _ = run_planner(
+                    prob, lambda j: TerminalPlanner(eta0, s.T, w0=w_pre, **with_kw(kw, lr=1e-3)))
+            print_row(r, cols, header=i == 0, out=out)
+    print(f"# {time.time() - t_start:.0f} s", file=out)
 
 
 if __name__ == "__main__":

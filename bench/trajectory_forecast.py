@@ -1,36 +1,62 @@
-"""Terminal-loss forecast for a learning-rate planner: a few-mode noisy-quadratic surrogate of the run's own
-loss trajectory, fitted online, rolled out under a candidate future schedule, differentiable in that schedule.
+"""Terminal-loss forecast for a learning-rate planner, and the planner rule that uses it.
 
-Self-contained (torch + scipy.optimize.nnls); nothing here calls the model.  `TrajectoryForecast` is the forecast,
-`TerminalPlanner` the planner rule that trains the decoder row w by Adam on the forecast, `gradient_check` a
-finite-difference check of the forecast's gradient (for a unit test).
+Self-contained (torch, numpy, scipy.optimize.nnls); nothing here runs a model.
 
-The surrogate (why it has this form: see the module docstring of bench/noisy_quadratic.py and docs/method.md)
--------------------------------------------------------------------------------------------------------------
-K modes with fixed curvatures κ_1 < ... < κ_K (log-spaced; fixed relative to the reference LR η_ref so that
-η_ref·κ spans [1/(10·horizon), 1]).  Mode k carries a loss share e_k(τ) ≥ 0 that evolves under the applied LRs as
-the expected loss of one coordinate of SGD on a quadratic with gradient noise:
+    TrajectoryForecast   a few-mode noisy-quadratic surrogate of the run's own loss trajectory, fitted online
+                         (non-negative least squares), rolled out in closed form under a candidate future
+                         schedule: L̂_T(η_t..η_{T−1}), differentiable in the schedule
+    TerminalPlanner      log η_t = log η_0 + w·[b_t, log(b_t + ε), 1], w trained by Adam on L̂_T(w) every
+                         `every` steps, with a trust region and bounds (the design measured in
+                         bench/noisy_quadratic.py)
+    gradient_check()     autograd ∂L̂_T/∂w against central finite differences (for a unit test)
+    momentum_moments()   stationary moments of momentum SGD on a unit quadratic (for the hypergradient rows)
 
-    e_k(τ+1) = (1 − η_τ κ_k)² e_k(τ) + η_τ² n_k,          e_k(0) = a_k,
-    loss(τ) = L∞ + Σ_k e_k(τ),
+The surrogate
+-------------
+K modes with fixed curvatures κ_1 < … < κ_K, log-spaced so that η_ref·κ spans `span` (default
+[0.1/horizon, 1]: from modes that barely move within the run to modes at the edge of stability).  Mode k carries
+a loss share e_k(τ) ≥ 0 that evolves, under the LRs actually applied, like the expected loss of one coordinate of
+SGD on a quadratic with gradient noise:
 
-with unknowns L∞ ≥ 0 (irreducible loss), a_k ≥ 0 (initial loss per mode), n_k ≥ 0 (noise injected per mode).
-For a given LR history, e_k(τ) = a_k Φ_k(τ) + n_k Ψ_k(τ) with Φ, Ψ computed by the same recursion, so every
-observation is LINEAR in θ = (L∞, a, n):
+    e_k(τ+1) = (1 − η_τκ_k)² e_k(τ) + r(η_τκ_k)·η_τ² n_k,     e_k(0) = a_k,      ℓ(τ) ≈ L∞ + Σ_k e_k(τ)
 
-    loss row         ℓ_τ            ≈ L∞ + Σ_k a_k Φ_k(τ) + n_k Ψ_k(τ)
-    hypergradient    ∂ℓ_{τ+1}/∂η_τ  ≈ Σ_k −2κ_k(1 − η_τκ_k)(a_k Φ_k(τ) + n_k Ψ_k(τ)) + 2 η_τ n_k
+(r = 1 for plain SGD; with momentum β it corrects the stationary variance, see momentum_moments).  Unknowns
+θ = (L∞, a, n) ≥ 0: irreducible loss, initial loss per mode, noise injected per mode.  For a given LR history
+e_k(τ) = a_k Φ_k(τ) + n_k Ψ_k(τ), where Φ, Ψ follow the same recursion from (1, 0); every observation is therefore
+LINEAR in θ and the fit is one non-negative least-squares problem:
 
-The second row is what the one-step hypergradient −⟨g_{τ+1}, u_τ⟩ measures (without L∞: it separates the noise
-floor, which moves with η, from the irreducible loss, which does not).  θ is the non-negative least-squares
-solution over all rows (each kind weighted by the inverse of its noise level, estimated from successive
-differences), a small ridge, rows averaged in bins of `bin` steps.
+    loss rows          ℓ_τ                       ≈ L∞ + Σ_k a_k Φ_k(τ) + n_k Ψ_k(τ)
+    floor rows         η_τ·T_τ / (4(1 − c_τ))    ≈ Σ_k n_k · r η_τ / (κ_k (2 − η_τκ_k))
+    hypergradient rows ∂ℓ_{τ+1}/∂η_τ             ≈ Σ_k −2κ_k(1 − η_τκ_k)(e_k(τ) − e*_k(τ)) + η_τ n_k G(η_τκ_k)
+                                                   (optional, off by default: see below)
 
-Forecast: from the current state e(t), the loss after the remaining steps with future LRs η_t..η_{T−1} is
+Floor rows: T = Σ_i (v̂_i − m̂_i²)/(√v̂_i + ε) is a gradient-noise temperature read from the optimiser's moments
+(AdamW's exp_avg, exp_avg_sq; for SGD Σ_i (v̂_i − m̂_i²) from EMAs kept for the purpose), c_τ = (1−β)/(1+β) the
+share of the noise variance still in m̂² (β of the EMA m̂).  Reason: with preconditioner P = 1/√v̂ and per-coordinate
+gradient-noise variance σ_i² ≈ (v̂_i − m̂_i²)/(1 − c), a coordinate of curvature h settles at E[x²] ≈ ηPσ²/(2h),
+i.e. a loss share ηPσ²/4 whatever h is, so the whole equilibrium noise floor at LR η is ηT/(4(1 − c)) — measured,
+not fitted (checked on the noisy quadratic: within 5-10 % for SGD and Adam, bench/nq_lab/tau_floor.py).  In the
+surrogate the same floor is Σ_k n_k times the equilibrium of the recursion per unit n_k.  This row is what separates
+the noise floor (which moves with η) from L∞ (which does not) while η has been constant.
 
-    L̂_T = L∞ + Σ_k [ e_k(t) Π_τ (1 − η_τκ_k)² + n_k Σ_τ η_τ² Π_{τ'>τ} (1 − η_τ'κ_k)² ],
+Rows are averaged in bins of `bin` steps; loss rows are weighted by 1/(noise std) estimated from successive
+differences (robust median), floor rows by 1/(tau_rel·value); a small ridge on the column-normalised a, n (not on
+L∞).  NNLS on ≤ 1 + 2K = 33 columns and ≤ horizon/bin rows: ~1 ms.
 
-computed in closed form with cumulative sums of log(1 − ηκ)² (O(n_rem·K), no loop), differentiable in η.
+The forecast.  From the fitted state e(t) = aΦ(t) + nΨ(t), the loss after the remaining steps under future LRs
+η_t..η_{T−1} is
+
+    L̂_T = L∞ + Σ_k [ e_k(t) Π_τ (1 − η_τκ_k)² + n_k Σ_τ r η_τ² Π_{τ'>τ} (1 − η_τ'κ_k)² ],
+
+computed with cumulative sums of log(1 − ηκ)² (O(n_rem·K), no Python loop), differentiable in η (autograd).
+
+Hypergradient rows (measured one-step hypergradient −⟨g_{τ+1}, u_τ⟩ = ∂ℓ_{τ+1}/∂η_τ).  Exact for SGD.  For a
+momentum method the stationary value is η·n·G(ηκ) with G ≈ (1−β1)/(1+β1) (not 2/(2−ηκ) as for SGD): momentum
+averages the noise out of u_τ, so the hypergradient sees ~5 % of the noise term at β1 = 0.9, and the small
+difference of two large terms in the SGD form is badly biased for Adam (measured 2.6-3.9× too large,
+bench/nq_lab/hg_stationary.py).  The rows here use e − e* (content above the equilibrium e*) so that the stationary
+part is exactly ηnG.  Even so they made the Adam planner worse on the testbed (1.03-1.11 → 1.08-1.68 × linear
+decay) and did not help SGD, so they are off by default (use_hypergrad=False).
 """
 from __future__ import annotations
 
@@ -44,20 +70,20 @@ from scipy.optimize import nnls
 def momentum_moments(a: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
     """Stationary moments of one coordinate of momentum SGD on a unit quadratic (curvature 1, preconditioner 1,
     gradient-noise variance 1, step a = ηκ):  m_t = β m_{t−1} + (1−β)(x_t + ξ_t),  x_{t+1} = x_t − a m_t.
-    Returns (r, G): r = E[x²] relative to plain SGD's a/(2 − a), G = E[m_t²] (the stationary one-step hypergradient
-    is η·n·G per mode, n the mode's noise injection).  β = 0: r = 1, G = 2/(2 − a).  Solves the 2×2 discrete
-    Lyapunov equation Σ = AΣAᵀ + bbᵀ for the state (x_t, m_{t−1}) in closed form (3 unknowns), elementwise in a."""
+    Returns (r, G): r = E[x²] relative to plain SGD's a/(2 − a); G = E[m_t²], so that the stationary one-step
+    hypergradient of a mode with noise injection n is η·n·G.  β = 0: r = 1, G = 2/(2 − a); β = 0.9: G ≈ 0.053.
+    Solves the 2×2 discrete Lyapunov equation Σ = AΣAᵀ + bbᵀ of the state (x_t, m_{t−1}) exactly (3 unknowns),
+    elementwise in a."""
     a = np.asarray(a, dtype=np.float64)
     if beta == 0.0:
         return np.ones_like(a), 2.0 / (2.0 - a)
     b1 = 1.0 - beta
     A11, A12, A21, A22 = 1.0 - a * b1, -a * beta, b1 * np.ones_like(a), beta * np.ones_like(a)
     B1, B2 = -a * b1, b1 * np.ones_like(a)
-    # unknowns S11, S12, S22:  S = A S Aᵀ + b bᵀ
-    M = np.zeros(a.shape + (3, 3))
-    M[..., 0, 0] = 1 - A11 * A11; M[..., 0, 1] = -2 * A11 * A12; M[..., 0, 2] = -A12 * A12
-    M[..., 1, 0] = -A11 * A21; M[..., 1, 1] = 1 - (A11 * A22 + A12 * A21); M[..., 1, 2] = -A12 * A22
-    M[..., 2, 0] = -A21 * A21; M[..., 2, 1] = -2 * A21 * A22; M[..., 2, 2] = 1 - A22 * A22
+    M = np.zeros(a.shape + (3, 3))                    # unknowns S11, S12, S22 of S = A S Aᵀ + b bᵀ
+    M[..., 0, 0], M[..., 0, 1], M[..., 0, 2] = 1 - A11 * A11, -2 * A11 * A12, -A12 * A12
+    M[..., 1, 0], M[..., 1, 1], M[..., 1, 2] = -A11 * A21, 1 - (A11 * A22 + A12 * A21), -A12 * A22
+    M[..., 2, 0], M[..., 2, 1], M[..., 2, 2] = -A21 * A21, -2 * A21 * A22, 1 - A22 * A22
     rhs = np.stack([B1 * B1, B1 * B2, B2 * B2], -1)
     S11, S12, S22 = np.moveaxis(np.linalg.solve(M, rhs[..., None])[..., 0], -1, 0)
     Em2 = b1 * b1 * S11 + 2 * b1 * beta * S12 + beta * beta * S22 + b1 * b1
@@ -65,88 +91,89 @@ def momentum_moments(a: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray
 
 
 class TrajectoryForecast:
-    """Online fit of the few-mode surrogate and its differentiable terminal-loss forecast.
+    """Online fit of the few-mode surrogate and its differentiable terminal-loss forecast (module docstring).
 
     observe(step, eta, loss, hypergrad=None, temperature=None)
-        step `step` ran with LR `eta`; `loss` is the mini-batch loss measured at θ_step (before the step),
-        `hypergrad` the measured ∂ℓ_step/∂η_{step−1} = −⟨g_step, u_{step−1}⟩ (None if unknown), `temperature`
-        the optimiser's gradient-noise temperature τ = Σ_i (v̂_i − m̂_i²)/(√v̂_i + ε) (Adam; SGD: Σ_i (v̂_i − m̂_i²))
-        from EMAs with β = tau_beta of the gradients so far (None if unknown)
-    refit() -> dict                      refit θ on the recent history (see `window`); returns diagnostics
-    terminal_loss(eta_future) -> Tensor  L̂_T for the LRs of the remaining steps (1-D, differentiable)
-    ready                                a fit exists and passed the sanity checks
+        after step `step` ran with LR `eta`: `loss` is the mini-batch loss measured at θ_step (before the step);
+        `temperature` T = Σ_i (v̂_i − m̂_i²)/(√v̂_i + ε) from the optimiser's moments (None if unknown);
+        `hypergrad` the measured ∂ℓ_step/∂η_{step−1} = −⟨g_step, u_{step−1}⟩ (None if unknown; used only with
+        use_hypergrad=True).  One call per step, in order.
+    refit() -> dict            refit θ on the whole history; diagnostics (chi2 ≈ 1 for a fit within the noise)
+    terminal_loss(eta_future)  L̂_T (0-d tensor) for the LRs of the remaining steps (1-D tensor, any length ≥ 1),
+                               differentiable in eta_future; valid after a refit with `ready` True
+    ready                      a fit exists, is finite and its loss residuals are < max_chi2 × the noise
 
-    History is kept in numpy buffers (O(K) work per step); only the forecast is torch.
-
-    The fit window.  The surrogate's curvatures are fixed, but an adaptive optimiser's effective curvatures
-    (Pᵢhᵢ, P = 1/√v̂) drift while v̂ adapts; the first part of the run is then not described by the same modes.
-    The fit therefore uses the steps from s = max(min_start, (1 − window)·t) on, with the state at s free:
-    e_k(τ) = e_k(s)·Φ_k(s→τ) + n_k·Ψ_k(s→τ), unknowns (L∞, e(s), n)."""
+    Knobs: eta_ref (the LR scale the curvature grid is built around: the run's η_0), horizon (steps the budget
+    is expected to buy; only sets the grid and buffer sizes), n_modes, span (η_ref·κ range), bin, ridge,
+    tau_beta (β of the EMA behind m̂ in T), tau_rel (relative error assumed for the floor rows), momentum (β1 of
+    the optimiser, for the hypergradient rows), use_tau, use_hypergrad, hg_weight, max_chi2.
+    History is kept in numpy buffers (O(K) work per step); only the forecast is torch."""
 
     def __init__(self, eta_ref: float, horizon: int, n_modes: int = 16, span: tuple[float, float] | None = None,
-                 bin: int = 5, ridge: float = 1e-4, use_hypergrad: bool = True, hg_weight: float = 1.0,
-                 momentum: float = 0.0, use_tau: bool = True, tau_beta: float = 0.9, tau_rel: float = 0.1,
-                 floor_shape: str = "free", window: float = 1.0, min_start: int = 0, max_chi2: float = 25.0,
-                 anchor_inf: bool = True, loss_weight: float = 1.0, signal_shape: str = "free",
-                 eq_start: bool = False, alphas=(-1.0, -0.5, 0.0, 0.5, 1.0, 1.5), inf_ridge: float = 0.0):
+                 bin: int = 5, ridge: float = 1e-4, use_tau: bool = True, tau_beta: float = 0.9,
+                 tau_rel: float = 0.1, use_hypergrad: bool = False, momentum: float = 0.0, hg_weight: float = 1.0,
+                 max_chi2: float = 25.0):
         self.eta_ref, self.horizon, self.bin, self.ridge = float(eta_ref), int(horizon), int(bin), float(ridge)
-        self.use_hypergrad, self.hg_weight = use_hypergrad, float(hg_weight)
-        self.momentum = float(momentum)
-        self._a_tab = np.logspace(-7, math.log10(1.95), 400)     # tables of r(a), G(a) over a = ηκ
-        self._r_tab, self._G_tab = momentum_moments(self._a_tab, self.momentum)
         self.use_tau, self.c_tau, self.tau_rel = use_tau, (1.0 - tau_beta) / (1.0 + tau_beta), float(tau_rel)
-        self.floor_shape, self.window, self.min_start = floor_shape, float(window), int(min_start)
-        self.max_chi2, self.anchor_inf, self.loss_weight = float(max_chi2), anchor_inf, float(loss_weight)
-        self.signal_shape, self.eq_start, self.alphas = signal_shape, eq_start, tuple(alphas)
-        self.inf_ridge = float(inf_ridge)
+        self.use_hypergrad, self.momentum, self.hg_weight = use_hypergrad, float(momentum), float(hg_weight)
+        self.max_chi2 = float(max_chi2)
         lo, hi = span if span is not None else (0.1 / max(horizon, 1), 1.0)
         self.kappa_np = np.logspace(math.log10(lo), math.log10(hi), n_modes) / self.eta_ref
         self.kappa = torch.from_numpy(self.kappa_np.copy())
-        K = self.K = n_modes
-        self.log_phi = np.zeros(K)                          # log Φ(τ), Ψ(τ) (from step 0) of the step about to run
-        self.psi = np.zeros(K)
+        self.K = K = n_modes
+        self._a_tab = np.logspace(-7, math.log10(1.95), 400)          # r(a), G(a) tabulated over a = ηκ
+        self._r_tab, self._G_tab = momentum_moments(self._a_tab, self.momentum)
+        self.phi, self.psi = np.ones(K), np.zeros(K)                   # Φ(τ), Ψ(τ) of the step about to run
         cap = max(horizon, 16) + 1
-        self.LP, self.PS = np.zeros((cap, K)), np.zeros((cap, K))     # per step τ: log Φ(τ), Ψ(τ)
-        self.ETA, self.LOSS = np.zeros(cap), np.full(cap, np.nan)     # η_τ, ℓ_τ
-        self.HG, self.TAU = np.full(cap, np.nan), np.full(cap, np.nan)   # ∂ℓ_{τ+1}/∂η_τ, τ-temperature at τ
-        self.n = 0                                           # steps recorded
-        self.theta_np: np.ndarray | None = None              # (1 + 2K,): L∞, e(s), n
+        self.PHI, self.PSI = np.zeros((cap, K)), np.zeros((cap, K))   # per step τ: Φ(τ), Ψ(τ)
+        self.ETA = np.zeros(cap)                                       # η_τ
+        self.LOSS, self.TAU, self.HG = (np.full(cap, np.nan) for _ in range(3))   # ℓ_τ, T_τ, ∂ℓ_{τ+1}/∂η_τ
+        self.n = 0
+        self.theta_np: np.ndarray | None = None                        # (1 + 2K,): L∞, a, n
         self.theta: torch.Tensor | None = None
-        self._state: np.ndarray | None = None                # e(t) of the latest fit
         self.ready = False
         self.diag: dict[str, float] = {}
 
     # -- history --------------------------------------------------------------------------------------------
     def _grow(self) -> None:
-        for name in ("LP", "PS"):
+        for name in ("PHI", "PSI", "ETA", "LOSS", "TAU", "HG"):
             a = getattr(self, name)
-            setattr(self, name, np.concatenate([a, np.zeros_like(a)]))
-        for name in ("ETA", "LOSS", "HG", "TAU"):
-            a = getattr(self, name)
-            setattr(self, name, np.concatenate([a, np.full_like(a, np.nan if name != "ETA" else 0.0)]))
-
-    def observe(self, step: int, eta: float, loss: float, hypergrad: float | None = None,
-                temperature: float | None = None) -> None:
-        """Record one step (steps in order, one call each; `step` is only used to pair the hypergradient)."""
-        i = self.n
-        if i == self.LP.shape[0]:
-            self._grow()
-        if hypergrad is not None and math.isfinite(hypergrad) and i > 0:
-            self.HG[i - 1] = hypergrad
-        self.LP[i], self.PS[i], self.ETA[i] = self.log_phi, self.psi, eta
-        self.LOSS[i] = loss if math.isfinite(loss) else np.nan
-        if temperature is not None and math.isfinite(temperature) and temperature > 0:
-            self.TAU[i] = temperature
-        f = np.minimum((1.0 - eta * self.kappa_np) ** 2, 1e3)  # (an unstable mode grows; bounded for numerics)
-        self.log_phi = np.minimum(self.log_phi + np.log(np.maximum(f, 1e-300)), 60.0)
-        self.psi = np.minimum(f * self.psi + eta * eta * self._r(eta * self.kappa_np), 1e30)
-        self.n = i + 1
+            setattr(self, name, np.concatenate([a, np.full_like(a, 0.0 if name in ("PHI", "PSI", "ETA") else np.nan)]))
 
     def _r(self, a: np.ndarray) -> np.ndarray:
         return np.interp(np.log(np.clip(a, 1e-7, 1.95)), np.log(self._a_tab), self._r_tab)
 
+    def _r_torch(self, a: torch.Tensor) -> torch.Tensor:
+        """r(a) as a differentiable piecewise-linear interpolation in log a (1 for plain SGD)."""
+        if self.momentum == 0.0:
+            return torch.ones_like(a)
+        lt = torch.from_numpy(np.log(self._a_tab))
+        rt = torch.from_numpy(self._r_tab)
+        la = torch.log(a.clamp(1e-7, 1.95))
+        i = torch.searchsorted(lt, la.detach().contiguous()).clamp(1, lt.numel() - 1)
+        w = (la - lt[i - 1]) / (lt[i] - lt[i - 1])
+        return rt[i - 1] + w * (rt[i] - rt[i - 1])
+
     def _G(self, a: np.ndarray) -> np.ndarray:
         return np.interp(np.log(np.clip(a, 1e-7, 1.95)), np.log(self._a_tab), self._G_tab)
+
+    def observe(self, step: int, eta: float, loss: float, hypergrad: float | None = None,
+                temperature: float | None = None) -> None:
+        i = self.n
+        if i == self.PHI.shape[0]:
+            self._grow()
+        if hypergrad is not None and math.isfinite(hypergrad) and i > 0:
+            self.HG[i - 1] = hypergrad
+        self.PHI[i], self.PSI[i], self.ETA[i] = self.phi, self.psi, eta
+        if math.isfinite(loss):
+            self.LOSS[i] = loss
+        if temperature is not None and math.isfinite(temperature) and temperature > 0:
+            self.TAU[i] = temperature
+        a = eta * self.kappa_np
+        f = np.minimum((1.0 - a) ** 2, 1e3)                           # an unstable mode grows; bounded for numerics
+        self.phi = np.minimum(f * self.phi, 1e30)
+        self.psi = np.minimum(f * self.psi + eta * eta * self._r(a), 1e30)
+        self.n = i + 1
 
     @property
     def n_obs(self) -> int:
@@ -170,128 +197,67 @@ class TrajectoryForecast:
         yb = y[start:].reshape(-1, self.bin).mean(1)
         return Ab, yb, np.full(Ab.shape[0], math.sqrt(self.bin))
 
-    def window_start(self) -> int:
-        return min(max(self.min_start, int((1.0 - self.window) * self.n)), max(self.n - 3 * self.bin, 0))
-
     def refit(self) -> dict:
-        """Non-negative least squares for θ = (L∞, e(s), n) over the binned rows of the window.  With a window
-        (window < 1) and anchor_inf, L∞ is taken from a fit over the whole history first (a long history
-        separates the irreducible loss from slow modes better than a short one)."""
-        s = self.window_start()
-        if s > 0 and self.anchor_inf:
-            d0 = self._fit(0, None)
-            if not self.ready:
-                return d0
-            return self._fit(s, float(self.theta_np[0]))
-        return self._fit(s, None)
-
-    def _fit(self, s: int, L_fixed: float | None) -> dict:
+        """Non-negative least squares for θ = (L∞, a, n) over the binned rows of the whole history."""
         K, t = self.K, self.n
-        if t - s < 3 * self.bin:
-            self.ready = False
+        self.ready = False
+        ok = np.isfinite(self.LOSS[:t])
+        if ok.sum() < 3 * self.bin:
             return {"ok": 0.0}
-        k = self.kappa_np
-        R = np.exp(np.minimum(self.LP[s:t] - self.LP[s], 0.0))          # Φ(s→τ), (m, K)
-        Q = self.PS[s:t] - self.PS[s] * R                                # Ψ(s→τ)
-        eta = self.ETA[s:t, None]
+        k, eta = self.kappa_np, self.ETA[:t, None]
+        A = np.concatenate([np.ones((t, 1)), self.PHI[:t], self.PSI[:t]], 1)
         blocks_A, blocks_y = [], []
-        ok = np.isfinite(self.LOSS[s:t])
-        A = np.concatenate([np.ones((t - s, 1)), R, Q], 1)[ok]
-        yL = self.LOSS[s:t][ok]
-        s_l = self._noise_level(yL)
-        Ab, yb, c = self._bin(A, yL)
-        blocks_A.append(Ab * (self.loss_weight * c / s_l)[:, None])
-        blocks_y.append(yb * self.loss_weight * c / s_l)
+        s_l = self._noise_level(self.LOSS[:t][ok])
+        Ab, yb, c = self._bin(A[ok], self.LOSS[:t][ok])
+        blocks_A.append(Ab * (c / s_l)[:, None])
+        blocks_y.append(yb * c / s_l)
         n_loss = Ab.shape[0]
-        if self.use_hypergrad:
-            okh = np.isfinite(self.HG[s:t])
-            if okh.sum() >= 3 * self.bin:
-                a = eta * k
-                lin = -2.0 * k * (1.0 - a)                               # d/dη of (1 − ηκ)²
-                e_eq = eta * self._r(a) / (k * np.maximum(2.0 - a, 1e-3))  # equilibrium content per unit n
-                # progress on the content above equilibrium + the stationary hypergradient η·n·G(ηκ)
-                H = np.concatenate([np.zeros((t - s, 1)), lin * R, lin * (Q - e_eq) + eta * self._G(a)], 1)[okh]
-                yH = self.HG[s:t][okh]
-                s_h = self._noise_level(yH)
-                Hb, hb, ch = self._bin(H, yH)
-                blocks_A.append(Hb * (self.hg_weight * ch / s_h)[:, None])
-                blocks_y.append(hb * self.hg_weight * ch / s_h)
-        if self.use_tau:
-            okt = np.isfinite(self.TAU[s:t])
-            if okt.sum() >= 3 * self.bin:
-                F = np.zeros((t - s, 1 + 2 * K))
-                F[:, 1 + K:] = eta * self._r(eta * k) / (k * np.maximum(2.0 - eta * k, 1e-3))  # floor per unit n
-                F = F[okt]
-                yF = (eta[:, 0] * self.TAU[s:t] / (4.0 * (1.0 - self.c_tau)))[okt]
-                Fb, fb, cf = self._bin(F, yF)
-                wf = cf / (self.tau_rel * np.maximum(np.abs(fb), 1e-300))
-                blocks_A.append(Fb * wf[:, None])
-                blocks_y.append(fb * wf)
-        M = np.concatenate(blocks_A)
-        rhs = np.concatenate(blocks_y)
-        if L_fixed is not None:                        # L∞ given: move it to the right-hand side
-            rhs = rhs - M[:, 0] * L_fixed
-            M = M.copy()
-            M[:, 0] = 0.0
-        # θ = T x: the parametrisation (signal at the window start: free per mode or a power law A·r^α; floor
-        # shares n_k/κ_k: free or flat; with `eq_start` the noise content at s is taken at equilibrium with η_s)
-        r = k / math.sqrt(k[0] * k[-1])
-        e_eq_s = self.ETA[s] * self._r(self.ETA[s] * k) / (k * np.maximum(2.0 - self.ETA[s] * k, 1e-3))
-        Tn = np.eye(K) if self.floor_shape == "free" else k[:, None]          # n = Tn·x_n
-        cands = []
-        for al in (self.alphas if self.signal_shape == "power" else (None,)):
-            Te = np.eye(K) if al is None else (r ** al)[:, None]              # e_s = Te·x_e (+ e_eq∘n)
-            pe, pn = Te.shape[1], Tn.shape[1]
-            T = np.zeros((1 + 2 * K, 1 + pe + pn))
-            T[0, 0] = 1.0
-            T[1:1 + K, 1:1 + pe] = Te
-            T[1 + K:, 1 + pe:] = Tn
-            if self.eq_start:
-                T[1:1 + K, 1 + pe:] = e_eq_s[:, None] * Tn
-            cands.append((al, T))
-        best = None
-        for al, T in cands:
-            X = M @ T
-            scale = np.maximum(np.linalg.norm(X, axis=0), 1e-300)
-            Xs = X / scale
-            P = Xs.shape[1]
-            if self.ridge > 0:                         # ridge on the column-normalised e, n (and L∞ × inf_ridge)
-                Rg = np.eye(P)
-                Rg[0, 0] = math.sqrt(self.inf_ridge)
-                Xs = np.concatenate([Xs, math.sqrt(self.ridge * M.shape[0]) * Rg])
-                rr = np.concatenate([rhs, np.zeros(P)])
-            else:
-                rr = rhs
-            try:
-                x, rn = nnls(Xs, rr, maxiter=50 * P)
-            except (RuntimeError, ValueError):
-                continue
-            if best is None or rn < best[0]:
-                best = (rn, T @ (x / scale), al)
-        if best is None:
-            self.ready = False
+        a = eta * k
+        e_eq = eta * self._r(a) / (k * np.maximum(2.0 - a, 1e-3))      # equilibrium content per unit n at η_τ
+        okt = np.isfinite(self.TAU[:t])
+        if self.use_tau and okt.sum() >= 3 * self.bin:
+            F = np.concatenate([np.zeros((t, 1 + K)), e_eq], 1)[okt]
+            yF = (self.ETA[:t] * self.TAU[:t] / (4.0 * (1.0 - self.c_tau)))[okt]
+            Fb, fb, cf = self._bin(F, yF)
+            wf = cf / (self.tau_rel * np.maximum(np.abs(fb), 1e-300))
+            blocks_A.append(Fb * wf[:, None])
+            blocks_y.append(fb * wf)
+        okh = np.isfinite(self.HG[:t])
+        if self.use_hypergrad and okh.sum() >= 3 * self.bin:
+            lin = -2.0 * k * (1.0 - a)                                   # d/dη of (1 − ηκ)²
+            H = np.concatenate([np.zeros((t, 1)), lin * self.PHI[:t], lin * (self.PSI[:t] - e_eq)
+                                + eta * self._G(a)], 1)[okh]
+            yH = self.HG[:t][okh]
+            s_h = self._noise_level(yH)
+            Hb, hb, ch = self._bin(H, yH)
+            blocks_A.append(Hb * (self.hg_weight * ch / s_h)[:, None])
+            blocks_y.append(hb * self.hg_weight * ch / s_h)
+        M, rhs = np.concatenate(blocks_A), np.concatenate(blocks_y)
+        scale = np.maximum(np.linalg.norm(M, axis=0), 1e-300)
+        P = M.shape[1]
+        Xs, rr = M / scale, rhs
+        if self.ridge > 0:                                               # ridge on the normalised a, n (not L∞)
+            Xs = np.concatenate([Xs, math.sqrt(self.ridge * M.shape[0]) * np.eye(P)[1:]])
+            rr = np.concatenate([rhs, np.zeros(P - 1)])
+        try:
+            x, _ = nnls(Xs, rr, maxiter=50 * P)
+        except (RuntimeError, ValueError):
             return {"ok": 0.0}
-        theta = best[1]
-        if L_fixed is not None:
-            theta[0] = L_fixed
-            rhs = rhs + M[:, 0] * 0.0
+        theta = x / scale
         res = M @ theta - rhs
-        chi2 = float((res[:n_loss] ** 2).mean()) / self.loss_weight ** 2   # ≈ 1 for a fit within the loss noise
-        self.theta_np = theta
-        self.theta = torch.from_numpy(theta.copy())
-        Rt = np.exp(np.minimum(self.log_phi - self.LP[s], 0.0))
-        Qt = self.psi - self.PS[s] * Rt
-        self._state = theta[1:1 + K] * Rt + theta[1 + K:] * Qt
+        chi2 = float((res[:n_loss] ** 2).mean())
+        self.theta_np, self.theta = theta, torch.from_numpy(theta.copy())
         self.ready = bool(np.isfinite(theta).all()) and chi2 < self.max_chi2
-        self.diag = {"ok": float(self.ready), "chi2": chi2, "L_inf": float(theta[0]), "start": float(s),
-                     "alpha": float("nan") if best[2] is None else best[2],
-                     "reducible": float(self._state.sum()), "floor_per_eta": float((theta[1 + K:] / k).sum() / 2),
+        e_now = self.state().numpy()
+        self.diag = {"ok": float(self.ready), "chi2": chi2, "L_inf": float(theta[0]),
+                     "reducible": float(e_now.sum()), "floor_per_eta": float((theta[1 + K:] / k).sum() / 2),
                      "loss_noise": s_l}
         return self.diag
 
     def state(self) -> torch.Tensor:
-        """e(t): the fitted loss share of every mode at the latest observed step (K,)."""
-        return torch.from_numpy(self._state.copy())
+        """e(t): the fitted loss share of every mode at the step about to run (K,)."""
+        K = self.K
+        return torch.from_numpy(self.theta_np[1:1 + K] * self.phi + self.theta_np[1 + K:] * self.psi)
 
     # -- forecast -------------------------------------------------------------------------------------------
     def terminal_loss(self, eta_future: torch.Tensor) -> torch.Tensor:
@@ -300,13 +266,18 @@ class TrajectoryForecast:
         L_inf, n = self.theta[0], self.theta[1 + K:]
         e = self.state()
         eta = eta_future.reshape(-1, 1).to(torch.float64)
-        logf = torch.log((1.0 - eta * self.kappa) ** 2 + 1e-300)              # (n_rem, K)
+        a = eta * self.kappa
+        logf = torch.log((1.0 - a) ** 2 + 1e-300)                              # (n_rem, K)
         total = logf.sum(0)
         after = total - logf.cumsum(0)                                          # Σ_{τ'>τ} log f_τ'
         # an unstable schedule (ηκ > 2 for long) gives a huge but finite forecast, never inf·0 = nan
         total, after = total.clamp(max=60.0), after.clamp(max=60.0)
-        noise = (eta ** 2 * torch.exp(after)).sum(0)                            # (K,)
+        noise = (self._r_torch(a) * eta ** 2 * torch.exp(after)).sum(0)        # (K,)
         return L_inf + (e * torch.exp(total) + n * noise).sum()
+
+    def predict_history(self) -> np.ndarray:
+        """The fitted loss at every observed step (diagnostics)."""
+        return np.concatenate([np.ones((self.n, 1)), self.PHI[:self.n], self.PSI[:self.n]], 1) @ self.theta_np
 
 
 class Adam:
@@ -336,52 +307,76 @@ class Adam:
         return {"m": self.m.clone(), "v": self.v.clone(), "k": self.k}
 
 
+class _InwardClamp(torch.autograd.Function):
+    """clamp(x, lo, hi) whose gradient passes where a descent step would move x back inside [lo, hi] (or x is
+    inside or on the bound), and is 0 where it would push x further out.  A plain clamp has zero gradient outside,
+    so a planner whose LR starts above the cap could never bring it down."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi = lo, hi
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        inside = (x >= ctx.lo) & (x <= ctx.hi)
+        inward = ((x > ctx.hi) & (g > 0)) | ((x < ctx.lo) & (g < 0))     # descent (−g) moves x toward [lo, hi]
+        return torch.where(inside | inward, g, torch.zeros_like(g)), None, None
+
+
 def soft_clamp(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """clamp(x, lo, hi) whose gradient is 1 on the boundary itself (so a w sitting on a bound can leave it)."""
-    return x - torch.relu(x - hi) + torch.relu(lo - x)
+    """clamp(x, lo, hi) with the inward gradient of _InwardClamp."""
+    return _InwardClamp.apply(x, lo, hi)
 
 
 class TerminalPlanner:
-    """log η_t = log η_0 + w·r_t,  r_t = [b_t, log(b_t + ε), 1]  (w = (ρ, κ, c)),
-    i.e. η(b) = η_0 e^c (b + ε)^κ e^{ρ b}, with w trained by Adam on the forecast terminal loss L̂_T(w).
+    """log η_t = log η_0 + w·r_t,  r_t = [b_t, log(b_t + ε), 1]  (w = (ρ, κ, c)), i.e.
+    η(b) = η_0 e^c (b + ε)^κ e^{ρb}, b = fraction of the budget left; w trained by Adam on L̂_T(w).
 
-    Every `every` steps (once `min_steps` have been observed): refit the forecast; if the fit is sane, take
-    `inner` Adam steps on L̂_T(w) where the future LRs are η(b_τ; w) for the remaining steps; each outer update
-    is limited to max_b |Δ log η(b)| ≤ `trust` over the remaining b (trust region), κ is kept in `kappa_range`,
-    log η/η_0 in `log_mult_range` (the LR itself is clamped, so the gradient vanishes outside).
-    The gradient is normalised by L̂_T's reducible part (scale-free) before Adam (which is scale-free anyway)."""
+    Update rule (every `every` steps once `min_steps` steps have been observed, never at the last step):
+      1. refit the forecast; skip the update if it is not `ready` (fallback: keep w);
+      2. L̂_T(w) = forecast of the final loss with future LRs η(b_τ; w) for the remaining steps (b_τ from the
+         current b down to 0, one per remaining step); g = ∂[L̂_T / (L̂_T − L̂∞)]/∂w (scale-free; Adam is anyway);
+      3. `inner` Adam steps (lr `lr`, β = (0.9, 0.999)) on w;
+      4. trust region: scale Δw so that max over the remaining b of |Δ log η(b)| ≤ `trust`;
+      5. bounds: κ ∈ kappa_range, ρ ∈ rho_range; log η/η_0 ∈ log_mult_range and η ≤ eta_max (the LR is clamped
+         when used; the clamp lets gradients through at the bound itself).
+    `warmup` multiplies η by (t+1)/warmup for the first steps (as the reference schedules do)."""
 
-    def __init__(self, eta0: float, horizon: int, w0=None, lr: float = 0.05, every: int = 10, inner: int = 1,
-                 trust: float = 0.2, eps: float = 0.01, kappa_range=(0.0, 4.0), rho_range=(-8.0, 8.0),
+    def __init__(self, eta0: float, horizon: int, w0=None, lr: float = 0.02, every: int = 10, inner: int = 1,
+                 trust: float = 0.1, eps: float = 0.01, kappa_range=(0.0, 4.0), rho_range=(-8.0, 8.0),
                  log_mult_range=(math.log(1e-3), math.log(10.0)), min_steps: int = 50, warmup: int = 0,
                  eta_max: float = math.inf, forecast_kw: dict | None = None, adam_state: dict | None = None):
         self.eta0, self.T, self.every, self.inner, self.trust = float(eta0), int(horizon), every, inner, trust
         self.eps, self.kappa_range, self.rho_range, self.lmr = eps, kappa_range, rho_range, log_mult_range
         self.min_steps, self.warmup, self.eta_max = min_steps, warmup, eta_max
-        self.w = torch.zeros(3, dtype=torch.float64) if w0 is None else torch.as_tensor(w0, dtype=torch.float64).clone()
-        self.w.requires_grad_(True)
+        w = torch.zeros(3, dtype=torch.float64) if w0 is None else torch.as_tensor(w0, dtype=torch.float64)
+        self.w = w.clone().requires_grad_(True)
         self.opt = Adam(self.w, lr=lr, state=adam_state)
-        self.fc = TrajectoryForecast(eta0, horizon, **(forecast_kw or {}))
+        self.fc = TrajectoryForecast(min(eta0, eta_max), horizon, **(forecast_kw or {}))   # grid around the LRs used
         self.n_updates, self.n_skipped = 0, 0
         self.last_forecast = float("nan")
 
     def features(self, b: torch.Tensor) -> torch.Tensor:
         return torch.stack([b, torch.log(b + self.eps), torch.ones_like(b)], -1)
 
+    def _hi(self) -> float:
+        return min(self.lmr[1], math.log(self.eta_max / self.eta0))
+
     def log_mult(self, b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        w = self.w if w is None else w
-        hi = min(self.lmr[1], math.log(self.eta_max / self.eta0))
-        return soft_clamp(self.features(b) @ w, self.lmr[0], hi)
+        return soft_clamp(self.features(b) @ (self.w if w is None else w), self.lmr[0], self._hi())
 
     def budget_left(self, step: int) -> float:
         return 1.0 - step / self.T
 
     def eta(self, step: int) -> float:
+        """η for step `step` (plain floats: no graph)."""
         b = self.budget_left(step)
         w = self.w.detach().tolist()
         z = w[0] * b + w[1] * math.log(b + self.eps) + w[2]
-        hi = min(self.lmr[1], math.log(self.eta_max / self.eta0))
-        e = self.eta0 * math.exp(min(max(z, self.lmr[0]), hi))
+        e = self.eta0 * math.exp(min(max(z, self.lmr[0]), self._hi()))
         if self.warmup > 0 and step < self.warmup:
             e *= (step + 1) / self.warmup
         return e
@@ -396,7 +391,7 @@ class TerminalPlanner:
             self.update(step + 1)
 
     def update(self, next_step: int) -> None:
-        diag = self.fc.refit()
+        self.fc.refit()
         if not self.fc.ready:
             self.n_skipped += 1
             return
@@ -404,17 +399,18 @@ class TerminalPlanner:
         w_old = self.w.detach().clone()
         for _ in range(self.inner):
             self.opt.zero_grad()
-            eta = self.eta0 * torch.exp(self.log_mult(b))
-            L = self.fc.terminal_loss(eta)
+            L = self.fc.terminal_loss(self.eta0 * torch.exp(self.log_mult(b)))
             scale = max(float(L.detach()) - float(self.fc.theta[0]), 1e-300)
             (L / scale).backward()
             if not torch.isfinite(self.w.grad).all():
                 self.n_skipped += 1
+                with torch.no_grad():
+                    self.w.copy_(w_old)
                 return
             self.opt.step()
         with torch.no_grad():
             dw = self.w - w_old
-            change = (self.features(b) @ dw).abs().max()
+            change = float((self.features(b) @ dw).abs().max())
             if change > self.trust:
                 dw *= self.trust / change
             w_new = w_old + dw
@@ -425,16 +421,20 @@ class TerminalPlanner:
         self.n_updates += 1
 
 
-def gradient_check(seed: int = 0, n_modes: int = 6, horizon: int = 60, steps: int = 30, h: float = 1e-6) -> float:
+def gradient_check(seed: int = 0, n_modes: int = 6, horizon: int = 60, steps: int = 30, h: float = 1e-6,
+                   momentum: float = 0.9) -> float:
     """Largest relative difference between autograd's ∂L̂_T/∂w and central finite differences, on a small problem:
-    a forecast fitted to a synthetic noisy history, future LRs η_0 e^{w·r(b)}.  A correct gradient gives ~1e-7."""
+    a forecast fitted to a synthetic noisy history (loss, temperature and hypergradient rows), future LRs
+    η_0 e^{w·r(b)}.  A correct gradient gives ~1e-8; a test can assert < 1e-5."""
     g = torch.Generator().manual_seed(seed)
-    fc = TrajectoryForecast(eta_ref=0.1, horizon=horizon, n_modes=n_modes, bin=2)
+    fc = TrajectoryForecast(eta_ref=0.1, horizon=horizon, n_modes=n_modes, bin=2, use_hypergrad=True,
+                            momentum=momentum)
     loss = 1.0
     for t in range(steps):
         eta = 0.1 * (1.0 - 0.5 * t / steps)
         noise = 0.01 * float(torch.randn(1, generator=g))
-        fc.observe(t, eta, 0.2 + loss + noise, hypergrad=-0.5 * loss + 0.05 * float(torch.randn(1, generator=g)))
+        fc.observe(t, eta, 0.2 + loss + noise, hypergrad=-0.5 * loss + 0.05 * float(torch.randn(1, generator=g)),
+                   temperature=0.3)
         loss *= 0.97
     fc.refit()
     assert fc.theta is not None
