@@ -260,19 +260,27 @@ class TrajectoryForecast:
         return torch.from_numpy(self.theta_np[1:1 + K] * self.phi + self.theta_np[1 + K:] * self.psi)
 
     # -- forecast -------------------------------------------------------------------------------------------
-    def terminal_loss(self, eta_future: torch.Tensor) -> torch.Tensor:
-        """L̂_T for LRs η_t..η_{T−1} of the remaining steps (1-D, any length ≥ 1): differentiable in eta_future."""
+    def terminal_loss(self, eta_future: torch.Tensor, steps: torch.Tensor | None = None) -> torch.Tensor:
+        """L̂_T for the remaining steps, differentiable in eta_future.  eta_future (1-D, length ≥ 1): the LR of each
+        remaining step, or, with `steps` (same length, positive integers), the LR of each of consecutive blocks of
+        steps[c] steps (a block at a constant LR has a closed form, so a long horizon costs O(blocks·K))."""
         K = self.K
         L_inf, n = self.theta[0], self.theta[1 + K:]
         e = self.state()
         eta = eta_future.reshape(-1, 1).to(torch.float64)
         a = eta * self.kappa
-        logf = torch.log((1.0 - a) ** 2 + 1e-300)                              # (n_rem, K)
+        logf = torch.log((1.0 - a) ** 2 + 1e-300)                              # per step of the block, (C, K)
+        inj = self._r_torch(a) * eta ** 2                                      # noise injected per step per unit n
+        if steps is not None:
+            m = steps.reshape(-1, 1).to(torch.float64)
+            # a block of m steps: factor f^m; injection Σ_{j<m} f^j = (1 − f^m)/(1 − f) (→ m as f → 1)
+            geo = torch.where(logf.abs() > 1e-12, torch.expm1(m * logf) / torch.expm1(logf), m)
+            inj, logf = inj * geo, m * logf
         total = logf.sum(0)
-        after = total - logf.cumsum(0)                                          # Σ_{τ'>τ} log f_τ'
+        after = total - logf.cumsum(0)                                          # Σ over later blocks
         # an unstable schedule (ηκ > 2 for long) gives a huge but finite forecast, never inf·0 = nan
         total, after = total.clamp(max=60.0), after.clamp(max=60.0)
-        noise = (self._r_torch(a) * eta ** 2 * torch.exp(after)).sum(0)        # (K,)
+        noise = (inj * torch.exp(after)).sum(0)                                 # (K,)
         return L_inf + (e * torch.exp(total) + n * noise).sum()
 
     def predict_history(self) -> np.ndarray:
@@ -337,10 +345,11 @@ class TerminalPlanner:
 
     Update rule (every `every` steps once `min_steps` steps have been observed, never at the last step):
       1. refit the forecast; skip the update if it is not `ready` (fallback: keep w);
-      2. L̂_T(w) = forecast of the final loss with future LRs η(b_τ; w) for the remaining steps (b_τ from the
-         current b down to 0, one per remaining step); g = ∂[L̂_T / (L̂_T − L̂∞)]/∂w (scale-free; Adam is anyway);
+      2. L̂_T(w) = forecast of the final loss with future LRs η(b; w) for the remaining steps (b from the current
+         value down to 0; the steps grouped into ≤ `blocks` blocks at the LR of their middle, each block in closed
+         form); g = ∂[L̂_T / (L̂_T − L̂∞)]/∂w (scale-free; Adam is anyway);
       3. `inner` Adam steps (lr `lr`, β = (0.9, 0.999)) on w;
-      4. trust region: scale Δw so that max over the remaining b of |Δ log η(b)| ≤ `trust`;
+      4. trust region: scale Δw so that max over the remaining b (block middles) of |Δ log η(b)| ≤ `trust`;
       5. bounds: κ ∈ kappa_range, ρ ∈ rho_range; log η/η_0 ∈ log_mult_range and η ≤ eta_max (the LR is clamped
          when used; the clamp lets gradients through at the bound itself).
     `warmup` multiplies η by (t+1)/warmup for the first steps (as the reference schedules do)."""
@@ -348,8 +357,10 @@ class TerminalPlanner:
     def __init__(self, eta0: float, horizon: int, w0=None, lr: float = 0.02, every: int = 10, inner: int = 1,
                  trust: float = 0.1, eps: float = 0.01, kappa_range=(0.0, 4.0), rho_range=(-8.0, 8.0),
                  log_mult_range=(math.log(1e-3), math.log(10.0)), min_steps: int = 50, warmup: int = 0,
-                 eta_max: float = math.inf, forecast_kw: dict | None = None, adam_state: dict | None = None):
+                 eta_max: float = math.inf, blocks: int = 64, forecast_kw: dict | None = None,
+                 adam_state: dict | None = None):
         self.eta0, self.T, self.every, self.inner, self.trust = float(eta0), int(horizon), every, inner, trust
+        self.blocks = int(blocks)
         self.eps, self.kappa_range, self.rho_range, self.lmr = eps, kappa_range, rho_range, log_mult_range
         self.min_steps, self.warmup, self.eta_max = min_steps, warmup, eta_max
         w = torch.zeros(3, dtype=torch.float64) if w0 is None else torch.as_tensor(w0, dtype=torch.float64)
@@ -384,6 +395,14 @@ class TerminalPlanner:
     def future_b(self, step: int) -> torch.Tensor:
         return 1.0 - torch.arange(step, self.T, dtype=torch.float64) / self.T
 
+    def future_blocks(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The remaining steps in at most `blocks` consecutive blocks: (b at each block's middle, steps per block)."""
+        n_rem = self.T - step
+        size = max(1, math.ceil(n_rem / self.blocks))
+        starts = torch.arange(step, self.T, size, dtype=torch.float64)
+        counts = torch.clamp(self.T - starts, max=size)
+        return 1.0 - (starts + (counts - 1) / 2) / self.T, counts
+
     def observe(self, step: int, eta: float, loss: float, hypergrad: float | None = None,
                 temperature: float | None = None) -> None:
         self.fc.observe(step, eta, loss, hypergrad, temperature)
@@ -395,11 +414,11 @@ class TerminalPlanner:
         if not self.fc.ready:
             self.n_skipped += 1
             return
-        b = self.future_b(next_step)
+        b, counts = self.future_blocks(next_step)
         w_old = self.w.detach().clone()
         for _ in range(self.inner):
             self.opt.zero_grad()
-            L = self.fc.terminal_loss(self.eta0 * torch.exp(self.log_mult(b)))
+            L = self.fc.terminal_loss(self.eta0 * torch.exp(self.log_mult(b)), counts)
             scale = max(float(L.detach()) - float(self.fc.theta[0]), 1e-300)
             (L / scale).backward()
             if not torch.isfinite(self.w.grad).all():
@@ -425,7 +444,7 @@ def gradient_check(seed: int = 0, n_modes: int = 6, horizon: int = 60, steps: in
                    momentum: float = 0.9) -> float:
     """Largest relative difference between autograd's ∂L̂_T/∂w and central finite differences, on a small problem:
     a forecast fitted to a synthetic noisy history (loss, temperature and hypergradient rows), future LRs
-    η_0 e^{w·r(b)}.  A correct gradient gives ~1e-8; a test can assert < 1e-5."""
+    η_0 e^{w·r(b)}, per step and in blocks.  A correct gradient gives ~1e-8; a test can assert < 1e-5."""
     g = torch.Generator().manual_seed(seed)
     fc = TrajectoryForecast(eta_ref=0.1, horizon=horizon, n_modes=n_modes, bin=2, use_hypergrad=True,
                             momentum=momentum)
@@ -438,21 +457,23 @@ def gradient_check(seed: int = 0, n_modes: int = 6, horizon: int = 60, steps: in
         loss *= 0.97
     fc.refit()
     assert fc.theta is not None
-    planner = TerminalPlanner(0.1, horizon)
-    b = planner.future_b(steps)
-    w = torch.tensor([0.3, 0.7, -0.2], dtype=torch.float64, requires_grad=True)
+    planner = TerminalPlanner(0.1, horizon, blocks=7)
+    worst = 0.0
+    for b, counts in ((planner.future_b(steps), None), planner.future_blocks(steps)):   # per step; in blocks
+        w = torch.tensor([0.3, 0.7, -0.2], dtype=torch.float64, requires_grad=True)
 
-    def f(w_):
-        return fc.terminal_loss(0.1 * torch.exp(planner.features(b) @ w_))
+        def f(w_):
+            return fc.terminal_loss(0.1 * torch.exp(planner.features(b) @ w_), counts)
 
-    f(w).backward()
-    fd = torch.zeros(3, dtype=torch.float64)
-    for i in range(3):
-        e = torch.zeros(3, dtype=torch.float64)
-        e[i] = h
-        with torch.no_grad():
-            fd[i] = (f(w + e) - f(w - e)) / (2 * h)
-    return float(((w.grad - fd).abs() / fd.abs().clamp(min=1e-12)).max())
+        f(w).backward()
+        fd = torch.zeros(3, dtype=torch.float64)
+        for i in range(3):
+            e = torch.zeros(3, dtype=torch.float64)
+            e[i] = h
+            with torch.no_grad():
+                fd[i] = (f(w + e) - f(w - e)) / (2 * h)
+        worst = max(worst, float(((w.grad - fd).abs() / fd.abs().clamp(min=1e-12)).max()))
+    return worst
 
 
 if __name__ == "__main__":

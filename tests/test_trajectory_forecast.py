@@ -19,6 +19,21 @@ def test_terminal_loss_gradient_matches_finite_differences(seed, momentum):
     assert gradient_check(seed=seed, momentum=momentum) < 1e-5
 
 
+def test_blocks_approximate_the_per_step_forecast():
+    fc = TrajectoryForecast(eta_ref=0.1, horizon=400, n_modes=8, tau_beta=0.9)
+    rng = np.random.default_rng(1)
+    for t in range(200):
+        fc.observe(t, 0.1, 1.0 + 0.5 * 0.99 ** t + 0.01 * rng.standard_normal(), temperature=0.5)
+    fc.refit()
+    planner = TerminalPlanner(0.1, 400, w0=[0.5, 1.0, 0.0], blocks=32)
+    b, counts = planner.future_blocks(200)
+    with torch.no_grad():
+        per_step = float(fc.terminal_loss(0.1 * torch.exp(planner.log_mult(planner.future_b(200)))))
+        blocked = float(fc.terminal_loss(0.1 * torch.exp(planner.log_mult(b)), counts))
+    assert int(counts.sum()) == 200 and len(counts) <= 32
+    assert abs(blocked - per_step) < 0.02 * (per_step - float(fc.theta[0]))
+
+
 def test_momentum_moments_limits():
     a = np.array([1e-4, 0.01, 0.3])
     r, G = momentum_moments(a, 0.0)
