@@ -727,8 +727,6 @@ def prepare_warm_start(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     train(pre)
     seconds = time.perf_counter() - start
-    (folder / "pretraining.json").write_text(json.dumps({"run": run, "overrides": overrides, "seconds": seconds,
-                                                         "config": json.loads(shaping)}, indent=1, default=str))
     print(f"warm start: pre-training took {seconds:.1f} s; the run now starts from {target}", flush=True)
     return {**info, "warm_start/produced_now": True, "warm_start/pretraining_s": seconds}
 
