@@ -1,6 +1,7 @@
 """The embedded benchmark: tuning, the comparison over seeds, and a step-matched control, resumable across sittings.
 
     uv run python bench/embedded_benchmark.py tune  [--arms a,b] [--trials 3]      # phase 1
+    uv run python bench/embedded_benchmark.py apply [--arms a,b]                   # tuned values -> run files
     uv run python bench/embedded_benchmark.py eval  [--arms a,b] [--seeds 1-5]     # phase 2
     uv run python bench/embedded_benchmark.py steps [--arms a,b] [--seeds 1-3] [--budget-steps N]   # phase 3
     uv run python bench/results_table.py bench/results/embedded/time               # the README's table
@@ -9,8 +10,9 @@ Protocol (bench/README.md has the reasons):
 - tune: every arm's main knobs (its run file's `optuna.search_space`: the peak LR for every arm, plus `outer_lr`
   for GRAFF, the controller's LR for REACTOR) are searched with the project's own Optuna search, the same number
   of trials at the same budget for every arm, on the validation split (never the test split) and on the tuning
-  seed 100 (never an evaluation seed).  The best values are written to bench/results/embedded/tuning.json; they
-  are then copied into the tiny run files by hand, with a comment naming the study.
+  seed 100 (never an evaluation seed).  The best values are written to bench/results/embedded/tuning.json.
+- apply: writes each tuned arm's best values from tuning.json into its tiny run file, with a comment naming the
+  study and its command (nothing typed by hand).
 - eval: every arm on every evaluation seed (a seed fixes LoRA initialisation, data order and evaluation subset,
   so arms are paired), arms interleaved within each seed, one run at a time, the run files as committed.
 - steps: the same arms with a budget of optimiser steps instead of minutes (`training.budget_steps`): every arm
@@ -25,6 +27,7 @@ import argparse
 import json
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -96,6 +99,35 @@ def tune(args) -> None:
         print(f"  {arm}: best validation EM {best.value:.1f}% with {best.params}", flush=True)
 
 
+def apply(args) -> None:
+    """Tuned values into the run files: the file's keys are merged with the best trial's (full dotted paths), its
+    leading comment kept, and a comment naming the study added; the merged file is composed and validated."""
+    from omegaconf import OmegaConf
+    sys.path.insert(0, str(REPO))
+    from src.main import SEARCH_ALIASES, compose, validate
+    done = json.loads((RECORDS / "tuning.json").read_text())
+    for arm in args.arms:
+        if arm not in done:
+            print(f"{arm}: not tuned yet (run the tune phase first); run file left as it is", flush=True)
+            continue
+        tuned = done[arm]
+        path = REPO / "config" / "runs" / f"{arm}{SUFFIX}.yaml"
+        lines = path.read_text().splitlines()
+        header = [line for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+                  if not line.startswith(("# Tuned:", "#   "))]
+        cfg = OmegaConf.create("\n".join(lines))
+        for name, value in tuned["best_params"].items():
+            OmegaConf.update(cfg, SEARCH_ALIASES.get(name, name), value, force_add=True)
+        text = (f"{', '.join(f'{SEARCH_ALIASES.get(k, k)}={v:.4g}' for k, v in tuned['best_params'].items())} from "
+                f"study {tuned['study']} ({len(tuned['trials'])} trials, best validation EM {tuned['best_value']:.1f}%, "
+                f"{tuned['date']}; bench/results/embedded/tuning.json), made by `uv run python "
+                f"bench/embedded_benchmark.py tune` and written here by its `apply` phase.")
+        note = textwrap.wrap(text, 116, initial_indent="# Tuned: ", subsequent_indent="#   ", break_on_hyphens=False)
+        path.write_text("\n".join(header + note) + "\n" + OmegaConf.to_yaml(cfg))
+        validate(*compose([f"run={arm}{SUFFIX}", "mode=full"]))
+        print(f"{arm}: {path.relative_to(REPO)} <- {tuned['best_params']}", flush=True)
+
+
 def evaluate(args, phase: str, overrides: list[str]) -> None:
     records = RECORDS / phase
     for seed in args.seeds:                  # arms interleaved within a seed: drift hits every arm alike
@@ -105,7 +137,7 @@ def evaluate(args, phase: str, overrides: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["tune", "eval", "steps"])
+    parser.add_argument("phase", choices=["tune", "apply", "eval", "steps"])
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated method tokens, or 'all'")
     parser.add_argument("--seeds", default="1-5")
     parser.add_argument("--trials", type=int, default=3)
@@ -116,6 +148,8 @@ def main() -> None:
     args.seeds = seeds(args.seeds)
     if args.phase == "tune":
         tune(args)
+    elif args.phase == "apply":
+        apply(args)
     elif args.phase == "eval":
         evaluate(args, "time", [])
     else:
