@@ -2,6 +2,7 @@
 
     uv run python bench/export_record.py results/embedded bench/results/embedded_records   # once per sitting
     uv run python bench/results_table.py bench/results/embedded_records
+    uv run python bench/results_table.py --tuning bench/results/embedded/tuning.json   # the tuning trials
 
 The records (one JSON per run and seed, written by bench/export_record.py and committed to git) are the only
 input: no W&B folder, no checkpoint, no number typed by hand.  Every statistic comes from src.evaluate's own
@@ -128,10 +129,29 @@ def build_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tuning_table(path: Path) -> str:
+    """Every tuning trial of bench/embedded_benchmark.py's tune phase, per arm, from its tuning.json."""
+    try:
+        tuning = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise TableError(f"{path} cannot be read as the tune phase's JSON ({err})") from None
+    lines = ["| arm | study | trial: validation EM (%) with its values | best |", "|---|---|---|---|"]
+    for arm in sorted(tuning, key=arm_order):
+        t = tuning[arm]
+        trials = "; ".join(f"{x['number']}: {x['value']:.1f} ("
+                           + ", ".join(f"{k}={v:.3g}" for k, v in x["params"].items()) + ")"
+                           for x in sorted(t["trials"], key=lambda x: x["number"]))
+        lines.append(f"| {arm} | {t['study']} | {trials} | {t['best_value']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
     try:
+        if len(argv) == 2 and argv[0] == "--tuning":
+            print(tuning_table(Path(argv[1])), end="")
+            return 0
         if len(argv) != 1:
-            raise TableError("usage: bench/results_table.py <records_dir>")
+            raise TableError("usage: bench/results_table.py <records_dir> | --tuning <tuning.json>")
         print(build_table(read_records(Path(argv[0]))), end="")
     except TableError as err:
         print(f"error: {err}", file=sys.stderr)

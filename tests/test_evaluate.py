@@ -498,3 +498,19 @@ def test_the_results_table_refuses_what_is_not_a_record(tmp_path, capsys):
     assert table.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "no compact record" in err[0] and "is not a compact run record" in err[1]
+
+
+def test_the_tuning_table_lists_every_trial_from_the_tune_phase_record(tmp_path, capsys):
+    table = bench_module("results_table")
+    record = {"comparative-6": {"study": "comparative-6-iter1-tiny-synthetic-seed100", "best_value": 20.0,
+                                "trials": [{"number": 1, "value": 20.0, "params": {"adapter_lr_init": 0.002}},
+                                           {"number": 0, "value": 5.5, "params": {"adapter_lr_init": 0.0071}}]},
+              "proposed": {"study": "p", "best_value": 12.6,
+                           "trials": [{"number": 0, "value": 12.6, "params": {"adapter_lr_init": 0.00101,
+                                                                             "graff_outer_lr": 0.000175}}]}}
+    (tmp_path / "tuning.json").write_text(json.dumps(record))
+    assert table.main(["--tuning", str(tmp_path / "tuning.json")]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert rows[0].startswith("| proposed |") and "0: 12.6 (adapter_lr_init=0.00101, graff_outer_lr=0.000175)" in rows[0]
+    assert rows[1].startswith("| comparative-6 |") and "0: 5.5 (adapter_lr_init=0.0071); 1: 20.0" in rows[1]
+    assert table.main(["--tuning", str(tmp_path / "missing.json")]) == 2
