@@ -1,7 +1,7 @@
 """Print the README's results table (Markdown) from compact run records, nothing else.
 
-    uv run python bench/export_record.py results/embedded bench/results/embedded_records   # once per sitting
-    uv run python bench/results_table.py bench/results/embedded_records
+    uv run python bench/export_record.py results/bench/time bench/results/embedded/time   # embedded_benchmark.py does this
+    uv run python bench/results_table.py bench/results/embedded/time
     uv run python bench/results_table.py --tuning bench/results/embedded/tuning.json   # the tuning trials
 
 The records (one JSON per run and seed, written by bench/export_record.py and committed to git) are the only
