@@ -64,6 +64,13 @@ def compact_record(rec: ev.RunRecord) -> dict:
     arm, seed = ev.seed_of(rec.run_id)
     summary = {k: v for k, v in sorted(rec.summary.items())
                if (k.startswith(SUMMARY_PREFIXES) or k in SUMMARY_KEYS) and not isinstance(v, (dict, list))}
+    # The planner's share of the training time, the run's own mean from its full history (Σ planner time / Σ step
+    # time over the steps that ran): until the tracker flushed the last step before writing the summary, W&B's
+    # summary held the last step's share under this key.
+    timed = [row for row in rec.history if ev._num(row.get(ev.PLANNER_TIME)) and ev._num(row.get(ev.STEP_TIME))]
+    if timed and sum(row[ev.STEP_TIME] for row in timed) > 0:
+        summary[ev.PLANNER_FRACTION] = (sum(row[ev.PLANNER_TIME] for row in timed)
+                                        / sum(row[ev.STEP_TIME] for row in timed))
     evals = [[row.get(c) for c in EVAL_COLUMNS] for row in rec.history if ev._num(row.get(ev.EM))]
     train = [row for row in rec.history if ev._num(row.get(ev.LOSS)) and ev._num(row.get(ev.LR))]
     return {

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src import evaluate as ev  # noqa: E402  (after the path: the bench scripts run from anywhere)
 
 FORMAT = "graff-compact-record/1"
+EM = "em_at_budget"          # the compared EM: the final evaluation's, at B (src.evaluate.COMPARED)
 
 
 class TableError(Exception):
@@ -70,17 +71,40 @@ def mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def what_was_measured(summaries: list[dict]) -> tuple[str, str]:
+    """(the EM's label, the loss's label), naming the split, its size and the budget the records share."""
+    def values(key):
+        return sorted({str(s.get(key)) for s in summaries if s.get(key) is not None}) or ["?"]
+    split, n = "/".join(values(ev.EVAL_SPLIT)), "/".join(values(ev.EVAL_N_PROBLEMS))
+    units = sorted({str(s.get(ev.BUDGET_UNIT, "minutes")) for s in summaries})   # a run without one: minutes
+    budget = (f"B = {'/'.join(values(ev.BUDGET_STEPS))} optimiser steps" if units == ["steps"] else
+              f"B = {'/'.join(f'{float(b):g}' for b in values(ev.BUDGET_MINUTES) if b != '?') or '?'} min"
+              if units == ["minutes"] else "B")
+    return f"strict {split} EM at {budget} ({n} problems, %)", f"{split} loss at {budget}"
+
+
+def logged_mean(record: dict, column: str) -> float | None:
+    """Mean of a train-history column over the record's logged rows (evenly spaced over the run's steps)."""
+    history = record.get("train_history") or {}
+    if column not in history.get("columns", []):
+        return None
+    i = history["columns"].index(column)
+    return mean([row[i] for row in history.get("rows", [])])
+
+
 def build_table(records: list[dict]) -> str:
     arms: dict[str, dict[int, dict]] = {}
     planner: dict[str, str] = {}
+    mean_lr: dict[str, list] = {}
     for record in records:
         arms.setdefault(record["arm"], {})[int(record["seed"])] = record["summary"]
+        mean_lr.setdefault(record["arm"], []).append(logged_mean(record, ev.LR))
         planner[record["arm"]] = ((record.get("config") or {}).get("scheduler") or {}).get("type") or "–"
     order = sorted(arms, key=arm_order)
     arms = {a: arms[a] for a in order}
     label, suffix = ev.short_labels(order)
     tables = {a: ev.arm_table(s) for a, s in arms.items()}
-    best = ev.best_arm(tables, ev.is_proposed)
+    best = ev.best_arm(tables, ev.is_proposed, EM)
     reference = best["run_id"] if best else None
     baselines = [a for a in order if ev.is_baseline(a)]
     others = [a for a in order if not ev.is_baseline(a) and a != reference]
@@ -89,25 +113,26 @@ def build_table(records: list[dict]) -> str:
     families = [f for f, group in ((stats, baselines), (ev.seed_statistics(arms, reference, others), others)) if group]
 
     run = f"run (`<token>{suffix}`)" if suffix else "run"
-    lines = [f"| {run} | planner | primary EM per seed (%) | mean [95% CI] | loss at B, mean [95% CI] "
-             f"| optimiser steps, mean | planner time share |", "|---|---|---|---|---|---|---|"]
+    em_label, loss_label = what_was_measured([s for seeds in arms.values() for s in seeds.values()])
+    lines = [f"| {run} | planner | EM at B per seed (%) | mean [95% CI] | loss at B, mean [95% CI] "
+             f"| optimiser steps, mean | mean η (logged), mean | planner time share |", "|---|---|---|---|---|---|---|---|"]
     for arm in order:
         t = tables[arm]
-        per_seed = ", ".join(fmt(row["primary"]) for row in t["seeds"].values())
+        per_seed = ", ".join(fmt(row[EM]) for row in t["seeds"].values())
         share = mean([row["planner_time_fraction"] for row in t["seeds"].values()])
         steps = mean([row["steps"] for row in t["seeds"].values()])
-        lines.append(f"| {label[arm]} | {planner[arm]} | {per_seed} | {interval(t['primary'])} "
-                     f"| {interval(t['loss'], '{:.4g}')} | {fmt(steps, '{:.0f}')} "
-                     f"| {fmt(share if share is None else 100 * share, '{:.0f}%')} |")
+        lines.append(f"| {label[arm]} | {planner[arm]} | {per_seed} | {interval(t[EM])} "
+                     f"| {interval(t['loss'], '{:.4g}')} | {fmt(steps, '{:.0f}')} | {fmt(mean(mean_lr[arm]), '{:.3g}')} "
+                     f"| {fmt(share if share is None else 100 * share, '{:.1f}%')} |")
     if reference is None:
-        lines += ["", "No proposed arm (run id containing 'proposed') with a primary value: no paired comparison."]
+        lines += ["", "No proposed arm (run id containing 'proposed') with an EM at B: no paired comparison."]
     else:
         lines += ["", f"| vs {label[reference]} (Δ = {label[reference]} − run, paired by seed) | seeds "
                       f"| Δ EM, mean [95% CI] (points) | paired t p (Holm) | Wilcoxon p (Holm) "
                       f"| Δ loss at B, mean [95% CI] | paired t p (Holm) | Wilcoxon p (Holm) "
                       f"| McNemar p < {ev.ALPHA:g}, seeds |", "|---|---|---|---|---|---|---|---|---|"]
         for family in families:
-            for arm, em in family["paired"]["primary"].items():
+            for arm, em in family["paired"][EM].items():
                 loss = family["paired"]["loss"][arm]
                 significant, tested = ev.mcnemar_count(family["mcnemar_per_seed"][arm])
                 lines.append(
@@ -122,10 +147,11 @@ def build_table(records: list[dict]) -> str:
                       f"paired t: scipy ttest_rel; Wilcoxon signed-rank: scipy, exact for so few seeds (its "
                       f"smallest two-sided p with n seeds is 2/2^n). McNemar: the final evaluation's per-problem "
                       f"correctness, seed by seed, uncorrected."]
-    lines += ["", "Seed-to-seed spread: " + ev.spread_sentence(stats["power"], "primary") + "; "
-              + ev.spread_sentence(stats["power"], "loss", unit="") + "."]
+    lines += ["", "Seed-to-seed spread: " + ev.spread_sentence(stats["power"], EM, label=em_label) + "; "
+              + ev.spread_sentence(stats["power"], "loss", unit="", label=loss_label) + "."]
     sources = sorted({row["primary_source"] for t in tables.values() for row in t["seeds"].values()})
-    lines += ["", "Primary value (strict dev EM at 30 min of wall-clock): " + "; ".join(sources) + "."]
+    lines += ["", f"EM is {em_label}. The analysis' primary value (strict EM at the 30-min mark, at B for a shorter "
+                  f"wall-clock budget; none for a step budget): " + "; ".join(sources) + "."]
     return "\n".join(lines) + "\n"
 
 

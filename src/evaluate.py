@@ -457,7 +457,8 @@ def is_baseline(run_id: str) -> bool:
 # order and evaluation subset, so two arms are compared on the seeds both have, seed by seed: the paired
 # difference removes what the seed alone does.  Differences are reference − other (the reference is the best
 # proposed arm): positive is better for EM, negative is better for the loss.
-COMPARED = {"primary": ("strict dev EM at 30 min (%)", True), "loss": ("dev loss at B", False)}
+COMPARED = {"primary": ("strict dev EM at 30 min (%)", True), "loss": ("dev loss at B", False),
+            "em_at_budget": ("strict EM at B (%)", True)}    # EM at B: also a step-matched control's (no 30-min mark)
 _SEED_RE = re.compile(r"^(.+)-seed(\d+)$")
 
 
@@ -468,10 +469,12 @@ def seed_of(run_id: str) -> tuple[str, int]:
 
 
 def seed_values(arm: dict[int, dict], metric: str) -> dict[int, float]:
-    """{seed: value} of "primary" (primary_em) or "loss" (final/loss) over the seeds that have one."""
+    """{seed: value} of "primary" (primary_em), "loss" (final/loss) or "em_at_budget" (final/exact_match) over the
+    seeds that have one."""
     out = {}
     for seed, summary in arm.items():
-        value = primary_em(summary)[0] if metric == "primary" else summary.get(FINAL_LOSS)
+        value = primary_em(summary)[0] if metric == "primary" else summary.get(
+            FINAL_LOSS if metric == "loss" else FINAL_EM)
         if _num(value):
             out[seed] = float(value)
     return out
@@ -618,11 +621,11 @@ def seed_statistics(arms: dict[str, dict[int, dict]], reference: str | None, com
             "power": spread_and_power(tables, paired)}
 
 
-def best_arm(values: dict[str, dict], select) -> dict | None:
+def best_arm(values: dict[str, dict], select, metric: str = "primary") -> dict | None:
     """{"run_id", "value"} of the selected arm with the highest primary value (EM: higher is better), from
-    {run id: {"value": ...}} (the analysis' seed groups) or {run id: arm_table(...)} (its "primary" mean)."""
+    {run id: {"value": ...}} (the analysis' seed groups) or {run id: arm_table(...)} (its `metric`'s mean)."""
     def value(entry):
-        return entry["value"] if "value" in entry else entry["primary"]["mean"]
+        return entry["value"] if "value" in entry else entry[metric]["mean"]
     cands = [(r, value(e)) for r, e in values.items() if select(r) and value(e) is not None]
     if not cands:
         return None
@@ -630,15 +633,17 @@ def best_arm(values: dict[str, dict], select) -> dict | None:
     return {"run_id": run_id, "value": best}
 
 
-def spread_sentence(power: dict, metric: str = "primary", unit: str = " points") -> str:
-    """One line on the seed-to-seed spread and the detectable difference, for the printed summary and the table."""
+def spread_sentence(power: dict, metric: str = "primary", unit: str = " points", label: str | None = None) -> str:
+    """One line on the seed-to-seed spread and the detectable difference, for the printed summary and the table
+    (`label` names the metric; COMPARED's name by default)."""
+    label = label or COMPARED[metric][0]
     entry = power.get(metric) or {}
     stds = sorted(v for v in (entry.get("arm_std") or {}).values() if v is not None)
     arms = f"std across seeds per arm {stds[0]:.3g}-{stds[-1]:.3g}{unit}" if stds else "no arm has two seeds"
     pooled, n, mde = entry.get("pooled_paired_difference_std"), entry.get("n_seeds"), entry.get("detectable_difference")
     if pooled is None or mde is None:
-        return f"{COMPARED[metric][0]}: {arms}; no paired differences over two or more seeds: no detectable difference"
-    return (f"{COMPARED[metric][0]}: {arms}; std of the paired differences {pooled:.3g}{unit} (pooled); with {n} "
+        return f"{label}: {arms}; no paired differences over two or more seeds: no detectable difference"
+    return (f"{label}: {arms}; std of the paired differences {pooled:.3g}{unit} (pooled); with {n} "
             f"seeds a paired t-test (two-sided, α = {power['alpha']:g}) detects a true mean difference of "
             f"{mde:.3g}{unit} with {power['power']:.0%} power")
 

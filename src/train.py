@@ -183,6 +183,7 @@ class Tracker:
         # with SIGKILL loses the rows W&B had not yet written to disk (seen: the last few seconds before the kill,
         # from before the checkpoint too); the resumed process records them again (`start(history=...)`).
         self.rows: dict[int, dict] = {}
+        self.pending = False                    # a step's row is held by W&B, not yet written (see summary)
         self.first_step = 0          # lowest step the W&B run accepts (an online run resumed on the server: higher)
 
     def start(self, config: dict, history: dict[int, dict] | None = None) -> None:
@@ -229,6 +230,7 @@ class Tracker:
         again = [s for s in sorted(self.rows) if s >= self.first_step]
         for s in again:
             self.run.log(self.rows[s], step=s)
+            self.pending = True
         if again:
             print(f"W&B: recorded again the {len(again)} logged steps held by the checkpoint (steps {again[0]} to "
                   f"{again[-1]})")
@@ -238,9 +240,15 @@ class Tracker:
         self.rows.setdefault(step, {}).update(row)
         if self.run is not None and step >= self.first_step:
             self.run.log(row, step=step)
+            self.pending = True
 
     def summary(self, values: dict) -> None:
         if self.run is not None:
+            if self.pending:
+                # W&B holds the last step's row until a later step or finish(), and writing it then sets the summary
+                # to its values: a run-level value under the same key (train/planner_fraction) would be lost
+                self.run.log({}, commit=True)
+                self.pending = False
             for k, v in values.items():
                 if v is not None and not _is_nan(v):
                     self.run.summary[k] = v

@@ -455,6 +455,18 @@ def test_export_writes_a_small_complete_record_per_run_and_seed(monkeypatch, tmp
     assert all(row[3] == pytest.approx(2.0 / row[0], rel=1e-6) for row in train["rows"])     # picked, not averaged
 
 
+def test_export_takes_the_planner_share_as_the_runs_mean_not_its_last_step():
+    """W&B's summary held the last step's share (a 10-step update: 11%) where the run's mean was under 1%."""
+    export = bench_module("export_record")
+    rec = long_record("proposed-e-seed1", 50.0, 1)
+    for row in rec.history:
+        if ev.LOSS in row:
+            row.update({ev.STEP_TIME: 0.5, ev.PLANNER_TIME: 0.09 if row["_step"] % 10 == 0 else 0.001})
+    rec.summary[ev.PLANNER_FRACTION] = 0.09 / 0.5                      # what the summary held: the last step's
+    share = export.compact_record(rec)["summary"][ev.PLANNER_FRACTION]
+    assert share == pytest.approx((100 * 0.09 + 900 * 0.001) / (1000 * 0.5))
+
+
 def test_export_refuses_bad_arguments_in_one_line(tmp_path, capsys):
     export = bench_module("export_record")
     afile = tmp_path / "f"
@@ -489,6 +501,23 @@ def test_the_results_table_is_rebuilt_from_compact_records_alone(tmp_path, capsy
     assert [line for line in lines if line.startswith("| comparative-2 | 2 |")]
     assert any("with 3 seeds a paired t-test" in line and "80% power" in line for line in lines)
     assert any("em_at_budget: budget 5 min < 30 min" in line for line in lines)
+    assert any(line.startswith("EM is strict ? EM at B = 5 min") for line in lines)
+
+
+def test_the_results_table_compares_a_step_matched_control_on_its_em_at_b(tmp_path, capsys):
+    """A step budget has no 30-min mark (no primary value), but the control is compared on its EM at B."""
+    export, table = bench_module("export_record"), bench_module("results_table")
+    for rid, rec in three_seed_runs().items():
+        rec.summary.update({"budget/unit": "steps", ev.BUDGET_STEPS: 600, ev.EVAL_SPLIT: "test",
+                            ev.EVAL_N_PROBLEMS: 100})
+        rec.config = {"training": {"scheduler": {"type": "graff" if "proposed" in rid else "cosine"}}}
+        (tmp_path / f"{rid}.json").write_text(export.dumps(export.compact_record(rec)))
+    assert table.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("| proposed | graff | 60.0, 50.0, 52.0 | 54.0 [") for line in lines)
+    assert any(line.startswith("| comparative-1 | 3 | 12.0 [") for line in lines)
+    assert any("strict test EM at B = 600 optimiser steps (100 problems, %)" in line for line in lines)
+    assert any("none: step-matched control" in line for line in lines)
 
 
 def test_the_results_table_refuses_what_is_not_a_record(tmp_path, capsys):

@@ -110,6 +110,10 @@ def test_full_run_stops_at_the_budget_and_logs_offline(two_full_runs):
     assert "energy/joules" not in summary and summary["energy/available"] is False   # CPU: absent, never 0
     assert summary["contamination/n_problems"] == 12 and 0 <= summary[tr.CONTAM_EM] <= 100     # logged apart
     assert "contamination set: EM" in outputs[run_id]
+    # run-level values written as the summary survive W&B writing the last step's row (same key, per-step value)
+    timed = [r for r in history if tr.STEP_TIME in r and tr.PLANNER_TIME in r]
+    mean_share = sum(r[tr.PLANNER_TIME] for r in timed) / sum(r[tr.STEP_TIME] for r in timed)
+    assert summary[tr.PLANNER_FRACTION] == pytest.approx(mean_share, rel=1e-6)
 
 
 @pytest.mark.integration
@@ -196,3 +200,23 @@ def test_a_warm_started_run_starts_in_full_mode_from_an_empty_results_dir(run_id
     _, summary, _, finished = ev.read_wandb_file(path)
     assert finished and summary["warm_start/checkpoint"].endswith(".pt")
     assert summary["warm_start/pretraining_run"].startswith("pretrain-iter1-")
+
+
+def test_a_summary_value_outlives_the_last_logged_step_under_the_same_key(tmp_path, monkeypatch):
+    """W&B writes the last step's row at finish() and sets the summary from it: the tracker writes that row first,
+    so the run's mean planner share is what the record keeps, not the last step's (an update step: 11%)."""
+    from omegaconf import OmegaConf
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = OmegaConf.create({"run_id": "t-seed1", "wandb": {"mode": "offline", "entity": None, "project": "p",
+                                                           "init_timeout_s": 60, "finish_timeout_s": 60}})
+    tracker = tr.Tracker(cfg, tmp_path)
+    tracker.start({"a": 1})
+    tracker.summary({tr.MODEL_PARAMS: 5})
+    for step in range(1, 6):
+        tracker.log({tr.PLANNER_FRACTION: step / 10, tr.LOSS: 1.0}, step=step)
+    tracker.summary({tr.PLANNER_FRACTION: 0.123})
+    tracker.finish()
+    [path] = ev.local_segments(tmp_path, "t-seed1")
+    history, summary, _, finished = ev.read_wandb_file(path)
+    assert finished and summary[tr.PLANNER_FRACTION] == 0.123 and summary[tr.MODEL_PARAMS] == 5
+    assert [row["_step"] for row in history] == [1, 2, 3, 4, 5]         # no extra row
