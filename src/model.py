@@ -495,8 +495,13 @@ class UpdateCurvature:
     ξ_{t+1}, numerator and denominator are unbiased; with β1 = 0.9, v_t is 90% of the step.  Optimisers without Adam
     state use v = u and P = 1.  No estimate at the first step (no momentum yet).
 
-    Single estimates are noisy (two mini-batches): `lam_max` is the ratio of EMAs EMA[num/η] / EMA[den] (`ema`),
-    read as max(·, 0).  `hypergradient` = −⟨g_{t+1}, u_t⟩ = ∂L_{t+1}/∂η_t (exact for AdamW: decoupled decay).
+    Single estimates are noisy (two mini-batches): `lam_max` is the ratio of EMAs EMA[num] / EMA[η·den] (`ema`),
+    read as max(·, 0): each pair weighs in by the length of its step.  The numerator's mini-batch noise does not
+    shrink with η, so a pair taken at a tiny η (the first steps of a warmup) carries almost only noise; dividing
+    each pair's numerator by its η (EMA[num/η] / EMA[den]) blew that noise up ×1/η and let one warmup pair set λ̂
+    for hundreds of steps (measured: 39,539 at step 2 of a 600-step run vs about 1,700 in the same run under a
+    time budget, bench/RESULTS.md 2026-11-30).
+    `hypergradient` = −⟨g_{t+1}, u_t⟩ = ∂L_{t+1}/∂η_t (exact for AdamW: decoupled decay).
     Cost per estimate: a copy of θ, u and v, and four dot products; no extra forward or backward pass."""
 
     def __init__(self, params: Sequence[nn.Parameter], owner: torch.Tensor, n_blocks: int, ema: float):
@@ -510,7 +515,7 @@ class UpdateCurvature:
         self.den_blocks: torch.Tensor | None = None     # ⟨v_t, P⁻¹u_t⟩ per block
         self.lam_blocks = torch.zeros(n_blocks)         # latest per-block λ̂ (0 where unknown)
         self.lam = float("nan")                         # latest total λ̂ (one pair of steps)
-        self.num_ema = self.den_ema = 0.0               # EMA[(a − b)/η], EMA[den]
+        self.num_ema = self.den_ema = 0.0               # EMA[a − b], EMA[η·den]
         self.hypergradient = float("nan")               # −⟨g_{t+1}, u_t⟩ of the latest pair
         self.pair: tuple[float, float, float] | None = None   # (a, b, den) of the latest pair, in total
         self._v_next: list = []
@@ -518,7 +523,7 @@ class UpdateCurvature:
 
     @property
     def lam_max(self) -> float:
-        """λ̂ = max(EMA[(a − b)/η] / EMA[den], 0); 0 while unknown."""
+        """λ̂ = max(EMA[a − b] / EMA[η·den], 0); 0 while unknown."""
         return max(self.num_ema / self.den_ema, 0.0) if self.den_ema > 1e-30 else 0.0
 
     @property
@@ -569,8 +574,8 @@ class UpdateCurvature:
         self.lam_blocks = torch.where(valid, num / (self.eta * den.clamp(min=1e-30)), torch.zeros_like(den)).cpu()
         if d > 1e-30:
             self.lam = (a - b) / (self.eta * d)
-            self.num_ema = self.ema * self.num_ema + (1 - self.ema) * (a - b) / self.eta
-            self.den_ema = self.ema * self.den_ema + (1 - self.ema) * d
+            self.num_ema = self.ema * self.num_ema + (1 - self.ema) * (a - b)
+            self.den_ema = self.ema * self.den_ema + (1 - self.ema) * self.eta * d
         self.u = self.v = self.a_blocks = self.den_blocks = None     # θ_t stays until the next before_step
         return True
 
@@ -951,7 +956,7 @@ class REACTOR(Planner):
 # 8. GRAFF
 # ----------------------------------------------------------------------------------------------------
 # The method and every choice it leaves open are in docs/method.md; this section follows its notation.
-GRAFF_FORMAT = "graff-planner-v2"
+GRAFF_FORMAT = "graff-planner-v3"
 N_NODE_FEATURES = 5    # x_{t,i} = [η_t·λ̂_i / edge, H̄_t, b_t, log(b_t + ε_b), log(‖g_i‖ / mean_j ‖g_j‖)]
 N_EDGE_FEATURES = 2    # e_ij = [x_i[0] − x_j[0], H̄_t]
 N_TOKEN_FEATURES = 2   # φ_{t,i} = [z-scored probe entropy H_i, relative answer position − 1/2]
@@ -1025,16 +1030,6 @@ def token_multipliers(coeffs: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     factor e⁴ of the others (bounded so that no token can take over the loss)."""
     s = phi @ coeffs
     return normalise_weights(torch.exp(2.0 * torch.tanh(s / 2.0)))
-
-
-def project_halfspace(w: torch.Tensor, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Euclidean projection of w onto the slab {w : lo ≤ w·x ≤ hi} (both half-spaces have normal x)."""
-    s = float(w @ x)
-    if s > hi:
-        return w - (s - hi) / float(x @ x) * x
-    if s < lo:
-        return w + (lo - s) / float(x @ x) * x
-    return w
 
 
 # -- GRAFF's forecast of the loss at the end of the budget (docs/method.md, "The forecast model") ----------------
@@ -1322,9 +1317,9 @@ class RegretMeter:
 class GRAFF(Planner):
     """GRAFF: a graph-recurrent, budget-aware, differentiable LR planner (docs/method.md).
 
-    Every step: η_t = lr_init·exp(W_0·r_t) from the latest state h̄ and the budget left b_t, projected onto the
-    stability guard (with a linear warmup over the first `warmup_fraction` of the horizon, as every schedule
-    here); token multipliers m_{t,i} from W_{1:K}·r_t and per-token features.
+    Every step: η_t = lr_init·exp(clamp(W_0·r_t)) from the latest state h̄ and the budget left b_t, clamped to the
+    stability guard and the safety slab (with a linear warmup over the first `warmup_fraction` of the horizon, as
+    every schedule here); token multipliers m_{t,i} from W_{1:K}·r_t and per-token features.
     Every `update_every` steps (an update step u, then u+1):
       u    the encoder runs (node features from the curvature, the probe entropy, the budget and the gradient
            norms) and updates h; the curvature pair (u, u+1) starts; the step's first sequences are kept.
@@ -1340,7 +1335,7 @@ class GRAFF(Planner):
                                  one-step hypergradient, kept as the ablation `ablation-greedy`
            plus, for the token rows, −η_u⟨P g_{u+1}, ∇ℓ_{u,i}⟩ by central differences on the kept sequences.
     h_t is a plain tensor carried across steps (never a parameter); its gradient is truncated at one update.
-    With `freeze` W and the encoder never change (the guard still holds, on a per-step copy of W_0)."""
+    With `freeze` W and the encoder never change (the guard still clamps η)."""
     uses_probe = True
 
     def __init__(self, *args, **kwargs):
@@ -1461,10 +1456,11 @@ class GRAFF(Planner):
             self.h, self.h_bar = h.detach(), h_bar.detach()
             self.last.update(entropy_mean=float(x[0, 1]), h_norm=float(self.h.norm()))
         self.readout_now = readout(self.h_bar, b_t, c.use_budget)
-        W0 = self.guarded_eta_row(self.readout_now)
+        W0 = self.net.W[0] if not c.freeze else self.net.W[0].detach()
+        lo, hi = self.eta_bounds()
+        log_mult = W0 @ (readout(h_bar, b_t, c.use_budget) if update else self.readout_now)   # W_0·r_t
         warmup = min(1.0, ctx.progress / c.warmup_fraction) if c.warmup_fraction > 0 else 1.0
-        eta = self.lr_init * max(warmup, MIN_MULTIPLIER) * \
-            torch.exp(W0 @ (readout(h_bar, b_t, c.use_budget) if update else self.readout_now))
+        eta = self.lr_init * max(warmup, MIN_MULTIPLIER) * torch.exp(soft_clamp(log_mult, lo, hi))
         W0 = W0.detach()
         self.eta = float(eta.detach())
         if self.forecast is not None:                                 # the run's own history, every step
@@ -1479,6 +1475,7 @@ class GRAFF(Planner):
         lam = self.curv.lam_max
         self.last.update(eta=self.eta, lambda_max=lam, lambda_raw=self.curv.lam, budget_left=ctx.budget_left,
                          eta_lambda_over_edge=self.eta * lam / self.edge, regret=self.regret.value(ctx.elapsed),
+                         guard_binds=float(float(log_mult) > hi),
                          w_budget_rho=float(W0[-3]), w_budget_kappa=float(W0[-2]), w_bias=float(W0[-1]),
                          w_norm=float(self.net.W.detach().norm()))
         if outer_norm is not None:
@@ -1513,22 +1510,14 @@ class GRAFF(Planner):
         return torch.stack([x[src, 0] - x[dst, 0], x[src, 1]], -1)
 
     def eta_bounds(self) -> tuple[float, float]:
-        """log(η/lr_init) bounds: the safety slab `lr_mult_range` and the guard η·λ̂ ≤ γ·edge/2."""
+        """Bounds on log(η/lr_init) = W_0·r: the safety slab `lr_mult_range` and the guard η·λ̂ ≤ γ·edge/2.  They
+        clamp η every step (soft_clamp); W itself is never moved by them (docs/method.md, "The guard")."""
         lo, hi = (math.log(v) for v in self.cfg.lr_mult_range)
         lam = self.curv.lam_max
         if lam > 0:
             hi = min(hi, math.log(self.cfg.stability_guard * self.edge / 2 / (lam * self.lr_init)) - 1e-4)
             lo = min(lo, hi)    # the guard wins over the safety floor
         return lo, hi
-
-    def guarded_eta_row(self, r: torch.Tensor) -> torch.Tensor:
-        """W_0 projected onto {w : lo ≤ w·r ≤ hi} (log η linear in W: a slab), in place unless frozen."""
-        lo, hi = self.eta_bounds()
-        with torch.no_grad():
-            projected = project_halfspace(self.net.W[0].detach(), r, lo, hi)
-            if not self.cfg.freeze:
-                self.net.W[0].copy_(projected)
-        return self.net.W[0] if not self.cfg.freeze else projected
 
     # -- the outer update (at u+1) ----------------------------------------------------------------------------
     def outer_update(self, ctx: StepContext, b_now: float) -> float:
@@ -1590,7 +1579,7 @@ class GRAFF(Planner):
 
     def future_etas(self, h_bar: torch.Tensor, future_b: torch.Tensor) -> torch.Tensor:
         """η at those budget values under the current W (differentiable in W and h̄), clamped to the slab and the
-        guard as the projection would (a clamp that lets a gradient back inside pass: soft_clamp)."""
+        guard as every step's η is (a clamp that lets a gradient back inside pass: soft_clamp)."""
         lo, hi = self.eta_bounds()
         log_mult = readout(h_bar.double(), future_b, self.cfg.use_budget) @ self.net.W[0].double()
         return self.lr_init * torch.exp(soft_clamp(log_mult, lo, hi))

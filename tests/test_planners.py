@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from src.model import (StepContext, TokenBatch, UpdateCurvature, answer_positions, cosine_multiplier, linear_multiplier,
-                       project_halfspace, token_multipliers, wsd_multiplier)
+                       token_multipliers, wsd_multiplier)
 from src.train import Budget, optimiser_step
 from tests.helpers import random_batch
 
@@ -155,6 +155,31 @@ def test_update_curvature_is_unbiased_under_gradient_noise():
         excess[name] = sum(gaps[20:]) / sum(scale[20:])                  # average excess, relative to the signal
     assert abs(excess["fixed"]) < 0.15
     assert excess["naive"] > 1.0
+
+
+def test_a_pair_taken_at_a_tiny_step_does_not_set_the_curvature_estimate():
+    """Each pair weighs in by its step length η·den: a pair at a tiny η (a warmup's first steps) is almost only
+    mini-batch noise, which the old ratio EMA[num/η] / EMA[den] multiplied by 1/η.  Here AdamW on L = ½·h‖θ‖² with
+    gradient noise: two steps at η = 1e-6 (one pair), then steps at η = 1e-2; the truth as in _noisy_adamw."""
+    torch.manual_seed(0)
+    h, d = 2.0, 4000
+    theta = [torch.nn.Parameter(3 * torch.ones(d))]
+    opt = torch.optim.AdamW(theta, lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0)
+    curv = UpdateCurvature(theta, torch.tensor([0]), 1, ema=0.9)
+    old_num = old_den = 0.0
+    for eta in [1e-6] * 3 + [1e-2] * 10:
+        theta[0].grad = h * theta[0].detach() + torch.randn(d)
+        if curv.observe():
+            a, b, den = curv.pair
+            old_num, old_den = 0.9 * old_num + 0.1 * (a - b) / curv.eta, 0.9 * old_den + 0.1 * den
+        curv.before_step(opt)
+        opt.param_groups[0]["lr"] = eta
+        opt.step()
+        curv.after_step(eta, 1.0)
+    st = opt.state[theta[0]]
+    truth = float((h / ((st["exp_avg_sq"] / (1 - 0.95 ** float(st["step"]))).sqrt() + 1e-8)).mean())
+    assert curv.lam_max == pytest.approx(truth, rel=0.3)            # the steps that moved θ decide
+    assert abs(old_num / old_den - truth) > 3 * truth               # the old ratio: still the tiny pair's noise
 
 
 # --- SALeLR -----------------------------------------------------------------------------------------------------
