@@ -1475,7 +1475,7 @@ class GRAFF(Planner):
         lam = self.curv.lam_max
         self.last.update(eta=self.eta, lambda_max=lam, lambda_raw=self.curv.lam, budget_left=ctx.budget_left,
                          eta_lambda_over_edge=self.eta * lam / self.edge, regret=self.regret.value(ctx.elapsed),
-                         guard_binds=float(float(log_mult) > hi),
+                         guard_binds=float(float(log_mult.detach()) > hi),
                          w_budget_rho=float(W0[-3]), w_budget_kappa=float(W0[-2]), w_bias=float(W0[-1]),
                          w_norm=float(self.net.W.detach().norm()))
         if outer_norm is not None:
