@@ -46,13 +46,24 @@ class Quadratic:
 
     def run(self, kind: str, lr: float, **knobs) -> float:
         """The true excess loss after `steps` steps of planner `kind` (its typed defaults, then `knobs`)."""
+        planner, x = self.planner(kind, lr, **knobs)
+        return self.episode(planner, x)[0]
+
+    def planner(self, kind: str, lr: float, **knobs):
+        """A planner `kind` (its typed defaults, then `knobs`) on a fresh parameter x: (planner, x)."""
         x = torch.nn.Parameter(torch.ones_like(self.h))
         cfg = OmegaConf.merge(OmegaConf.structured(SCHEDULERS[kind]), knobs)
         opt_cfg = OmegaConf.merge(OmegaConf.structured(OptimizerConfig), {"lr_init": lr, "betas": [0.9, 0.95],
                                                                          "weight_decay": 0.0})
         graph = AdapterGraph(["all"], [[x]], torch.zeros(2, 0, dtype=torch.long))
-        planner = PLANNERS[kind](cfg, opt_cfg, None, [x], graph)
+        return PLANNERS[kind](cfg, opt_cfg, None, [x], graph), x
+
+    def episode(self, planner, x) -> tuple[float, list[float]]:
+        """One budget from x = 1 on a fresh AdamW: (the true excess loss at the end, η at every step)."""
+        with torch.no_grad():
+            x.fill_(1.0)
         optimizer = planner.make_optimizer()
+        etas = []
         for t in range(self.steps):
             with torch.no_grad():
                 noise = self.sigma * self.xi[t]
@@ -62,14 +73,15 @@ class Quadratic:
             ctx = StepContext(step=t, elapsed=t, budget_left=1 - t / self.steps, progress=t / self.steps,
                               steps_left=self.steps - t, loss=loss, grad_norm=float(x.grad.norm()))
             eta = planner.plan(ctx)
+            etas.append(eta)
             for group in optimizer.param_groups:
                 group["lr"] = eta
             optimizer.step()
             planner.after_step(ctx)
             optimizer.zero_grad(set_to_none=True)
             if not math.isfinite(float(x.detach().sum())):
-                return math.inf
-        return float(0.5 * (self.h * x.detach() ** 2).sum())
+                return math.inf, etas
+        return float(0.5 * (self.h * x.detach() ** 2).sum()), etas
 
 
 def compare(p: float, noise: float, seeds: int, steps: int) -> dict[str, float]:
