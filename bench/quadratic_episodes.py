@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quadratic_planners import Quadratic  # noqa: E402
+from quadratic_planners import Quadratic, finish  # noqa: E402
 
 SETTINGS = {(1.5, 1e-2): 3.12e-2, (1.0, 1e-2): 1.56e-2}   # (p, noise): linear decay's tuned peak (600 steps)
 
@@ -52,11 +52,7 @@ def main():
             lines.append(f"  {ep}: " + " ".join(f"{v:6.3f}" for v in at) + f" | {excess / linear:6.3f} | "
                          f"{float(w0[-1]):6.3f} {float(w0[-2]):6.3f} {float(w0[-3]):6.3f} {float(w0[:-3].norm()):6.3f}")
             print(lines[-1], flush=True)
-    lines.append(f"# {time.perf_counter() - start:.0f} s")
-    print(lines[-1])
-    if args.out:
-        Path(args.out).write_text(f"$ uv run python bench/quadratic_episodes.py --episodes {args.episodes} --steps "
-                                  f"{args.steps}\n" + "\n".join(lines) + "\n")
+    finish(lines, start, args.out, f"bench/quadratic_episodes.py --episodes {args.episodes} --steps {args.steps}")
 
 
 if __name__ == "__main__":

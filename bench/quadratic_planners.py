@@ -42,7 +42,7 @@ class Quadratic:
         g = torch.Generator().manual_seed(1000 + seed)
         self.xi = torch.randn(steps, d, generator=g, dtype=torch.float64)
         self.zeta = torch.randn(steps, generator=g, dtype=torch.float64)
-        self.obs, self.steps = obs, steps
+        self.obs, self.steps, self.seed = obs, steps, seed
 
     def run(self, kind: str, lr: float, **knobs) -> float:
         """The true excess loss after `steps` steps of planner `kind` (its typed defaults, then `knobs`)."""
@@ -50,7 +50,9 @@ class Quadratic:
         return self.episode(planner, x)[0]
 
     def planner(self, kind: str, lr: float, **knobs):
-        """A planner `kind` (its typed defaults, then `knobs`) on a fresh parameter x: (planner, x)."""
+        """A planner `kind` (its typed defaults, then `knobs`) on a fresh parameter x: (planner, x).  Seeded, so that
+        GRAFF's encoder starts the same on every call: the outcome is deterministic."""
+        torch.manual_seed(self.seed)
         x = torch.nn.Parameter(torch.ones_like(self.h))
         cfg = OmegaConf.merge(OmegaConf.structured(SCHEDULERS[kind]), knobs)
         opt_cfg = OmegaConf.merge(OmegaConf.structured(OptimizerConfig), {"lr_init": lr, "betas": [0.9, 0.95],
@@ -117,11 +119,15 @@ def main():
         lines.append(f"p={p:g} noise={noise:g}".ljust(18) + f" {r['linear (tuned peak)']:10.3e} {r['peak']:9.2e} "
                      f"{r['constant (same peak)']:9.3f} {r['GRAFF greedy']:9.3f} {r['GRAFF terminal']:9.3f}")
         print(lines[-1], flush=True)
+    finish(lines, start, args.out, f"bench/quadratic_planners.py --seeds {args.seeds} --steps {args.steps}")
+
+
+def finish(lines: list[str], start: float, out: str | None, command: str) -> None:
+    """The run's time as the last line; the lines, after the command that made them, into `out` when given."""
     lines.append(f"# {time.perf_counter() - start:.0f} s")
     print(lines[-1])
-    if args.out:
-        Path(args.out).write_text(f"$ uv run python bench/quadratic_planners.py --seeds {args.seeds} --steps "
-                                  f"{args.steps}\n" + "\n".join(lines) + "\n")
+    if out:
+        Path(out).write_text(f"$ uv run python {command}\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

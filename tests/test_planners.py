@@ -91,7 +91,7 @@ def test_update_curvature_recovers_a_quadratic_and_its_blocks():
     assert curv.hypergradient < 0                               # a larger step would have lowered the loss more
 
 
-def _noisy_adamw(steps, ema, seed=0, d=2000, h=2.0, sigma=1.0, eta=1e-2):
+def _noisy_adamw(steps, ema, seed=0, d=2000, h=2.0, sigma=1.0, eta=1e-2, etas=None):
     """AdamW on L(θ) = ½ h‖θ‖² with gradient noise σ: the preconditioned sharpness is h·mean(1/(√v̂ + ε)), known
     at every step from the optimiser's state.  Yields (step, estimator, the true sharpness, the pair (a, b, den))."""
     torch.manual_seed(seed)
@@ -102,8 +102,9 @@ def _noisy_adamw(steps, ema, seed=0, d=2000, h=2.0, sigma=1.0, eta=1e-2):
         theta[0].grad = h * theta[0].detach() + sigma * torch.randn(d)
         observed = curv.observe()
         curv.before_step(opt)
+        opt.param_groups[0]["lr"] = lr = eta if etas is None else etas[step]      # `etas`: η per step
         opt.step()
-        curv.after_step(eta, 1.0)
+        curv.after_step(lr, 1.0)
         st = opt.state[theta[0]]
         vhat = st["exp_avg_sq"] / (1 - 0.95 ** float(st["step"]))
         yield step, curv, float((h / (vhat.sqrt() + 1e-8)).mean()), (curv.pair if observed else None)
@@ -160,24 +161,14 @@ def test_update_curvature_is_unbiased_under_gradient_noise():
 def test_a_pair_taken_at_a_tiny_step_does_not_set_the_curvature_estimate():
     """Each pair weighs in by its step length η·den: a pair at a tiny η (a warmup's first steps) is almost only
     mini-batch noise, which the old ratio EMA[num/η] / EMA[den] multiplied by 1/η.  Here AdamW on L = ½·h‖θ‖² with
-    gradient noise: two steps at η = 1e-6 (one pair), then steps at η = 1e-2; the truth as in _noisy_adamw."""
-    torch.manual_seed(0)
-    h, d = 2.0, 4000
-    theta = [torch.nn.Parameter(3 * torch.ones(d))]
-    opt = torch.optim.AdamW(theta, lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0)
-    curv = UpdateCurvature(theta, torch.tensor([0]), 1, ema=0.9)
+    gradient noise (_noisy_adamw): three steps at η = 1e-6 (one pair: the first has no momentum yet), then
+    steps at η = 1e-2."""
+    etas = [1e-6] * 3 + [1e-2] * 10
     old_num = old_den = 0.0
-    for eta in [1e-6] * 3 + [1e-2] * 10:
-        theta[0].grad = h * theta[0].detach() + torch.randn(d)
-        if curv.observe():
-            a, b, den = curv.pair
-            old_num, old_den = 0.9 * old_num + 0.1 * (a - b) / curv.eta, 0.9 * old_den + 0.1 * den
-        curv.before_step(opt)
-        opt.param_groups[0]["lr"] = eta
-        opt.step()
-        curv.after_step(eta, 1.0)
-    st = opt.state[theta[0]]
-    truth = float((h / ((st["exp_avg_sq"] / (1 - 0.95 ** float(st["step"]))).sqrt() + 1e-8)).mean())
+    for step, curv, truth, pair in _noisy_adamw(len(etas), ema=0.9, d=4000, etas=etas):
+        if pair is not None:                                        # the pair (step − 1, step), at η of step − 1
+            a, b, den = pair
+            old_num, old_den = 0.9 * old_num + 0.1 * (a - b) / etas[step - 1], 0.9 * old_den + 0.1 * den
     assert curv.lam_max == pytest.approx(truth, rel=0.3)            # the steps that moved θ decide
     assert abs(old_num / old_den - truth) > 3 * truth               # the old ratio: still the tiny pair's noise
 
