@@ -197,6 +197,10 @@ class GraffConfig:               # proposed, its ablations and its pre-training 
     type: str = "graff"
     objective: str = rule("terminal", lambda v: v in ("terminal", "greedy"),
                           "use terminal (the loss at the end of the budget) or greedy (the next step's loss)")
+    # what the terminal forecast rolls out: the whole episode re-planned under W (its past steps too, from the
+    # fitted start) or only the remaining budget (the earlier version, kept to measure the change)
+    span: str = rule("episode", lambda v: v in ("episode", "remaining"),
+                     "use episode (the whole budget re-planned under W) or remaining (only the budget left)")
     outer_lr: float = rule(1.0e-3, lambda v: v > 0, "must be > 0")            # Adam's lr for W and the encoder
     update_every: int = rule(10, lambda v: v >= 2, "must be ≥ 2 (steps between outer updates)")
     warmup_fraction: float = rule(0.05, in_unit, "must be in [0, 1)")       # linear warmup, as the schedules

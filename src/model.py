@@ -1227,11 +1227,12 @@ class TrajectoryForecast:
         return torch.from_numpy(self.theta_np[1:1 + K] * self.phi + self.theta_np[1 + K:] * self.psi)
 
     # -- forecast -------------------------------------------------------------------------------------------
-    def terminal_loss(self, eta_future: torch.Tensor) -> torch.Tensor:
-        """L̂_T for LRs η_t..η_{T−1} of the remaining steps (1-D, any length ≥ 1): differentiable in eta_future."""
+    def terminal_loss(self, eta_future: torch.Tensor, from_start: bool = False) -> torch.Tensor:
+        """L̂_T for LRs η_t..η_{T−1} of the remaining steps (1-D, any length ≥ 1): differentiable in eta_future.
+        from_start: the LRs η_0..η_{T−1} of the whole episode instead, rolled out from the fitted start e(0) = a."""
         K = self.K
         L_inf, n = self.theta[0], self.theta[1 + K:]
-        e = self.state()
+        e = self.theta[1:1 + K] if from_start else self.state()
         eta = eta_future.reshape(-1, 1).to(torch.float64)
         a = eta * self.kappa
         logf = torch.log((1.0 - a) ** 2 + 1e-300)                              # (n_rem, K)
@@ -1328,9 +1329,12 @@ class GRAFF(Planner):
       u+1  the pair completes (λ̂, and the one-step hypergradient −⟨g_{u+1}, u_u⟩); the outer update: Adam
            (`outer_lr`) on W and the encoder against
              objective=terminal  the forecast loss at the end of the budget L̂_T: a model of the run's own loss
-                                 trajectory, refitted to its history, rolled out with the planner's own future
-                                 η(b) and differentiated (the compute-normalised regret R_T = (L_T − L_best)/T has
-                                 the same gradient up to 1/T, which Adam's normalisation removes)
+                                 trajectory, refitted to its history, rolled out with the planner's own η(b)
+                                 and differentiated (the compute-normalised regret R_T = (L_T − L_best)/T has
+                                 the same gradient up to 1/T, which Adam's normalisation removes); span=episode
+                                 rolls out the whole episode from the fitted start, its past steps re-planned
+                                 under W with the state each had (what trains η at the start of a budget),
+                                 span=remaining only the budget left, from the run's current state
              objective=greedy    the next step's loss (∂L_{u+1}/∂η_u = −⟨g_{u+1}, u_u⟩ through η_u's graph): the
                                  one-step hypergradient, kept as the ablation `ablation-greedy`
            plus, for the token rows, −η_u⟨P g_{u+1}, ∇ℓ_{u,i}⟩ by central differences on the kept sequences.
@@ -1362,6 +1366,7 @@ class GRAFF(Planner):
         self.curv.reset_pair()
         self.curv.num_ema = self.curv.den_ema = 0.0
         self.forecast: TrajectoryForecast | None = None               # made at the first step (needs the horizon)
+        self.past: list[torch.Tensor] = []     # per step of the episode: [r_t; warmup_t; lo_t; hi_t] (D + 6,)
         self.pending: PendingUpdate | None = None
         self.sample: TokenSample | None = None
         self.readout_now = readout(self.h_bar, 1.0, self.cfg.use_budget)
@@ -1458,14 +1463,16 @@ class GRAFF(Planner):
         self.readout_now = readout(self.h_bar, b_t, c.use_budget)
         W0 = self.net.W[0] if not c.freeze else self.net.W[0].detach()
         lo, hi = self.eta_bounds()
-        log_mult = W0 @ (readout(h_bar, b_t, c.use_budget) if update else self.readout_now)   # W_0·r_t
-        warmup = min(1.0, ctx.progress / c.warmup_fraction) if c.warmup_fraction > 0 else 1.0
-        eta = self.lr_init * max(warmup, MIN_MULTIPLIER) * torch.exp(soft_clamp(log_mult, lo, hi))
+        r_t = readout(h_bar, b_t, c.use_budget) if update else self.readout_now
+        log_mult = W0 @ r_t                                            # W_0·r_t
+        warmup = max(min(1.0, ctx.progress / c.warmup_fraction) if c.warmup_fraction > 0 else 1.0, MIN_MULTIPLIER)
+        eta = self.lr_init * warmup * torch.exp(soft_clamp(log_mult, lo, hi))
         W0 = W0.detach()
         self.eta = float(eta.detach())
         if self.forecast is not None:                                 # the run's own history, every step
             temperature = noise_temperature(self.params, self.optimizer) if update else None
             self.forecast.observe(t, self.eta, ctx.loss, temperature=temperature)
+            self.past.append(torch.cat([r_t.detach().double(), torch.tensor([warmup, lo, hi], dtype=torch.float64)]))
         if update:
             self.pending = PendingUpdate(h_bar, eta, self.readout_now.detach(), self.sample)
             if self.sample is not None:
@@ -1528,7 +1535,11 @@ class GRAFF(Planner):
         if c.objective == "terminal":
             if ctx.step >= MIN_STEPS and self.forecast.refit().get("ok") and self.forecast.ready:
                 future_b = self.future_budget(ctx, b_now)
-                forecast = self.forecast.terminal_loss(self.future_etas(p.h_bar, future_b))
+                future = self.future_etas(p.h_bar, future_b)
+                if c.span == "episode" and self.past:      # the whole episode, re-planned under W
+                    forecast = self.forecast.terminal_loss(torch.cat([self.past_etas(), future]), from_start=True)
+                else:
+                    forecast = self.forecast.terminal_loss(future)
                 reducible = max(float(forecast.detach()) - float(self.forecast.theta[0]), 1e-300)
                 objective = objective + forecast / reducible              # scale-free (Adam is too, nearly)
                 self.activity["forecast"] += 1
@@ -1558,9 +1569,12 @@ class GRAFF(Planner):
     @torch.no_grad()
     def keep_in_trust_region(self, w_old: torch.Tensor, h_bar: torch.Tensor, future_b: torch.Tensor) -> None:
         """After a terminal update: scale W_0's change so that log η(b) moves by at most TRUST over the remaining
-        budget, and keep κ and ρ in their ranges (the forecast is a model: follow it slowly)."""
+        budget (and, with span=episode, over the steps the episode has run), and keep κ and ρ in their ranges (the
+        forecast is a model: follow it slowly)."""
         dw = self.net.W[0] - w_old
         change = float((readout(h_bar, future_b, self.cfg.use_budget) @ dw).abs().max())
+        if self.cfg.span == "episode" and self.past:
+            change = max(change, float((torch.stack(self.past)[:, :-3].float() @ dw).abs().max()))
         if change > TRUST:
             dw *= TRUST / change
         w_new = w_old + dw
@@ -1576,6 +1590,13 @@ class GRAFF(Planner):
         end = max(ctx.budget_left - (1.0 - ctx.budget_left) / max(ctx.progress, 1e-9) * (1.0 - ctx.progress),
                   0.0) if ctx.progress > 0 else 0.0
         return torch.linspace(b_now, end, n, dtype=torch.float64)
+
+    def past_etas(self) -> torch.Tensor:
+        """η at every step of the episode so far, re-planned under the current W (differentiable in W_0), each
+        with the state h̄, the budget, the warmup and the bounds that step had."""
+        past = torch.stack(self.past)
+        r, warmup, lo, hi = past[:, :-3], past[:, -3], past[:, -2], past[:, -1]
+        return self.lr_init * warmup * torch.exp(soft_clamp(r @ self.net.W[0].double(), lo, hi))
 
     def future_etas(self, h_bar: torch.Tensor, future_b: torch.Tensor) -> torch.Tensor:
         """η at those budget values under the current W (differentiable in W and h̄), clamped to the slab and the
@@ -1598,6 +1619,7 @@ class GRAFF(Planner):
 
     def state_dict(self):
         return {"planner": self.planner_checkpoint(), "h": self.h, "h_bar": self.h_bar,
+                "past": torch.stack(self.past) if self.past else None,
                 "curv": self.curv.state_dict(), "regret": vars(self.regret).copy(),
                 "forecast": self.forecast.state_dict() if self.forecast is not None else None}
 
@@ -1605,6 +1627,7 @@ class GRAFF(Planner):
         self.net.load_state_dict(state["planner"]["net"])
         self.outer.load_state_dict(state["planner"]["outer"])
         self.h, self.h_bar = state["h"], state["h_bar"]
+        self.past = list(state["past"].unbind(0)) if state.get("past") is not None else []
         self.curv.load_state_dict(state["curv"])
         vars(self.regret).update(state["regret"])
         if state["forecast"] is not None:

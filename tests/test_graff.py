@@ -48,7 +48,7 @@ class StubForecast:
     def refit(self):
         return {"ok": 1.0}
 
-    def terminal_loss(self, etas):
+    def terminal_loss(self, etas, from_start=False):
         x = etas / self.lr
         return 11.0 - x.mean() + self.floor * x[-5:].mean() ** 2
 
@@ -81,9 +81,11 @@ def test_the_budget_coefficients_learn_a_decay_when_the_end_of_the_budget_pays_f
         assert kappa == 0.0                                     # without the feature W cannot see the budget
 
 
-def test_the_terminal_objective_gradient_matches_a_finite_difference():
-    """∂L̂_T/∂W through the forecast's rollout with the planner's own future η(b; W): autograd against central
-    differences, on a forecast fitted to a synthetic noisy history (loss, temperature and hypergradient rows)."""
+@pytest.mark.parametrize("from_start", [False, True])
+def test_the_terminal_objective_gradient_matches_a_finite_difference(from_start):
+    """∂L̂_T/∂W through the forecast's rollout with the planner's own future η(b; W) (and, from the start, its
+    re-planned past): autograd against central differences, on a forecast fitted to a synthetic noisy history
+    (loss, temperature and hypergradient rows)."""
     from src.model import TrajectoryForecast
     g = torch.Generator().manual_seed(0)
     fc = TrajectoryForecast(0.1, 60, n_modes=6, bin=2, use_hypergrad=True, momentum=0.9)
@@ -96,10 +98,10 @@ def test_the_terminal_objective_gradient_matches_a_finite_difference():
     fc.refit()
     assert fc.theta is not None
     h_bar = torch.randn(4, dtype=torch.float64, generator=g) * 0.3
-    b = torch.linspace(0.5, 0.0, 30, dtype=torch.float64)
+    b = torch.linspace(1.0 if from_start else 0.5, 0.0, 60 if from_start else 30, dtype=torch.float64)
 
     def forecast(w):
-        return fc.terminal_loss(0.1 * torch.exp(readout(h_bar, b) @ w))
+        return fc.terminal_loss(0.1 * torch.exp(readout(h_bar, b) @ w), from_start=from_start)
 
     w = torch.tensor([0.1, -0.2, 0.05, 0.3, 0.3, 0.7, -0.2], dtype=torch.float64, requires_grad=True)
     forecast(w).backward()
@@ -110,6 +112,38 @@ def test_the_terminal_objective_gradient_matches_a_finite_difference():
         with torch.no_grad():
             fd[i] = (forecast(w + e) - forecast(w - e)) / 2e-6
     assert torch.allclose(w.grad, fd, rtol=1e-5, atol=1e-9)
+
+
+def test_rolled_out_from_its_start_with_the_applied_lrs_the_forecast_lands_on_its_current_state():
+    """The whole-episode forecast (span=episode) starts from the fitted start e(0) = a and re-plays the past: with the
+    LRs the run applied it must agree with the forecast from the current state e(t) for any future."""
+    from src.model import TrajectoryForecast
+    g = torch.Generator().manual_seed(1)
+    fc = TrajectoryForecast(0.05, 80, n_modes=8, bin=2)
+    applied, loss = [], 2.0
+    for t in range(40):
+        applied.append(0.05 * min(1.0, (t + 1) / 5))
+        fc.observe(t, applied[-1], 0.3 + loss + 0.02 * float(torch.randn(1, generator=g)), temperature=0.5)
+        loss *= 0.95
+    fc.refit()
+    future = torch.linspace(0.05, 0.001, 40, dtype=torch.float64)
+    whole = fc.terminal_loss(torch.cat([torch.tensor(applied, dtype=torch.float64), future]), from_start=True)
+    assert float(whole) == pytest.approx(float(fc.terminal_loss(future)), rel=1e-9)
+
+
+def test_span_episode_trains_eta_at_the_steps_already_run_and_remaining_does_not(make_planner):
+    """With span=episode the objective reaches η at the budget's start (re-planned with the state each step had),
+    which is what pre-training needs for the next episode's start; span=remaining sees only the budget left."""
+    class StartForecast(StubForecast):
+        def terminal_loss(self, etas, from_start=False):    # rewards a high η at the first step of the episode
+            return 11.0 - etas[0] / self.lr if from_start else 11.0 + 0.0 * etas.sum()
+    start = {}
+    for span in ("episode", "remaining"):
+        planner, *_ = make_planner("graff", update_every=2, outer_lr=0.05, span=span, token_sequences=0)
+        planner.forecast = StartForecast(floor=0.0)
+        run_steps(planner, 40)
+        start[span] = float(planner.past_etas()[0]) / planner.lr_init      # η at step 0 under the final W
+    assert start["episode"] > 1.5 * start["remaining"], start
 
 
 def test_the_greedy_objective_raises_eta_when_the_loss_keeps_falling_along_the_step(make_planner):
