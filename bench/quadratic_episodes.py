@@ -8,7 +8,8 @@ pre-training's outer lr 0.02; between episodes it forgets the run (`start_episod
 keeps W, the encoder and Adam's moments, like the embedded pre-training.  Reported per episode: η/η_0 at 5, 25,
 50 and 90% of the budget and at its end, the true excess loss at the end relative to tuned linear decay, and W_0's
 bias, decay exponent κ, ρ and the norm of its h̄ coefficients.  Asks: does what W learns in one episode set a
-sensible start for the next?
+sensible start for the next?  Both spans of the terminal forecast (docs/method.md): `episode` (the whole budget
+re-planned under W, the default) and `remaining` (only the budget left, the earlier version).
 """
 from __future__ import annotations
 
@@ -35,13 +36,14 @@ def main():
     start = time.perf_counter()
     lines = [f"# GRAFF (terminal objective) through {args.episodes} budgets of {args.steps} steps, cold start, outer lr"
              f" 0.02, seed 0; η/η_0 at fractions of the budget; final excess loss / tuned linear decay's"]
-    for (p, noise), peak in SETTINGS.items():
+    for ((p, noise), peak), span in ((setting, span) for setting in SETTINGS.items()
+                                     for span in ("episode", "remaining")):
         q = Quadratic(p, noise, seed=0, steps=args.steps)
         linear = q.run("linear", peak, warmup_fraction=0.05)
         planner, x = q.planner("graff", peak, warmup_fraction=0.05, outer_lr=0.02, token_sequences=0,
-                               stability_guard=1.9)
-        lines.append(f"p={p:g} noise={noise:g}, η_0 = {peak:g}; episode: η/η_0 at 5% 25% 50% 90% end | excess/linear |"
-                     f" bias κ ρ |w_h|")
+                               stability_guard=1.9, span=span)
+        lines.append(f"p={p:g} noise={noise:g}, η_0 = {peak:g}, span {span}; episode: η/η_0 at 5% 25% 50% 90% end |"
+                     f" excess/linear | bias κ ρ |w_h|")
         print(lines[-1], flush=True)
         for ep in range(args.episodes):
             if ep:

@@ -324,3 +324,4 @@ def test_a_passing_curvature_spike_lowers_eta_only_while_it_lasts(make_planner):
     run_steps(planner, 3, start=8)
     assert planner.eta == pytest.approx(free, rel=1e-5) and planner.last["guard_binds"] == 0.0
     assert torch.equal(planner.net.W.detach(), w0)                 # no outer update ran, and the guard moved nothing
+
