@@ -12,7 +12,7 @@ Sections
   8. GRAFF (the proposed method: docs/method.md)
 
 Notation (docs/method.md): t optimiser step, θ_t trainable (adapter) parameters, g_t = ∇L_t(θ_t), u_t the optimiser's
-update direction (θ_{t+1} = θ_t − η_t·u_t), η_t the learning rate, b_t = (B − elapsed)/B the budget left,
+update direction (θ_{t+1} = θ_t − η_t·u_t), η_t the learning rate, b_t the training budget left (1 − progress),
 λ̂ curvature along the update, h_t the planner's latent node states, W its linear decoder, m_{t,i} token
 multipliers, R_T the compute-normalised regret.
 """
@@ -1318,9 +1318,10 @@ class RegretMeter:
 class GRAFF(Planner):
     """GRAFF: a graph-recurrent, budget-aware, differentiable LR planner (docs/method.md).
 
-    Every step: η_t = lr_init·exp(clamp(W_0·r_t)) from the latest state h̄ and the budget left b_t, clamped to the
-    stability guard and the safety slab (with a linear warmup over the first `warmup_fraction` of the horizon, as
-    every schedule here); token multipliers m_{t,i} from W_{1:K}·r_t and per-token features.
+    Every step: η_t = lr_init·exp(clamp(W_0·r_t)) from the latest state h̄ and the training budget left b_t (1 −
+    progress: 0 where training ends, before the final evaluation's reserve), clamped to the stability guard and the
+    safety slab (with a linear warmup over the first `warmup_fraction` of the horizon, as every schedule here);
+    token multipliers m_{t,i} from W_{1:K}·r_t and per-token features.
     Every `update_every` steps (an update step u, then u+1):
       u    the encoder runs (node features from the curvature, the probe entropy, the budget and the gradient
            norms) and updates h; the curvature pair (u, u+1) starts; the step's first sequences are kept.
@@ -1442,7 +1443,7 @@ class GRAFF(Planner):
     def plan(self, ctx):
         t, c = ctx.step, self.cfg
         self.regret.add(ctx.loss)
-        b_t = ctx.budget_left
+        b_t = 1.0 - ctx.progress      # the training budget left: 0 where training ends (the final evaluation follows)
         outer_norm = None
         if c.objective == "terminal" and self.forecast is None:
             beta1 = float(self.opt_cfg.betas[0])
@@ -1480,7 +1481,7 @@ class GRAFF(Planner):
             self.curv.before_step(self.optimizer)
         self.sample, self.entropy_sum, self.step_tokens = None, torch.zeros(()), 0
         lam = self.curv.lam_max
-        self.last.update(eta=self.eta, lambda_max=lam, lambda_raw=self.curv.lam, budget_left=ctx.budget_left,
+        self.last.update(eta=self.eta, lambda_max=lam, lambda_raw=self.curv.lam, budget_left=b_t,
                          eta_lambda_over_edge=self.eta * lam / self.edge, regret=self.regret.value(ctx.elapsed),
                          guard_binds=float(float(log_mult.detach()) > hi),
                          w_budget_rho=float(W0[-3]), w_budget_kappa=float(W0[-2]), w_bias=float(W0[-1]),
@@ -1584,12 +1585,10 @@ class GRAFF(Planner):
 
     @staticmethod
     def future_budget(ctx: StepContext, b_now: float) -> torch.Tensor:
-        """b at this and every remaining step of the training horizon: falling linearly from b_now to its value at
-        the horizon's end (what the final evaluation's reserve leaves) over ctx.steps_left steps."""
+        """b at this and every remaining step of the training horizon: falling linearly from b_now to 0 (the
+        horizon's end) over ctx.steps_left steps."""
         n = max(int(round(ctx.steps_left)), 1)
-        end = max(ctx.budget_left - (1.0 - ctx.budget_left) / max(ctx.progress, 1e-9) * (1.0 - ctx.progress),
-                  0.0) if ctx.progress > 0 else 0.0
-        return torch.linspace(b_now, end, n, dtype=torch.float64)
+        return torch.linspace(b_now, 0.0, n, dtype=torch.float64)
 
     def past_etas(self) -> torch.Tensor:
         """η at every step of the episode so far, re-planned under the current W (differentiable in W_0), each

@@ -325,3 +325,21 @@ def test_a_passing_curvature_spike_lowers_eta_only_while_it_lasts(make_planner):
     assert planner.eta == pytest.approx(free, rel=1e-5) and planner.last["guard_binds"] == 0.0
     assert torch.equal(planner.net.W.detach(), w0)                 # no outer update ran, and the guard moved nothing
 
+
+def test_the_budget_the_decoder_sees_runs_out_where_training_ends_not_where_b_does(make_planner):
+    """Under a wall-clock budget the final evaluation's reserve comes after training: B's fraction left is still
+    about 0.07 at the last step.  GRAFF's b_t is the training budget left (1 − progress, what the schedules decay
+    over), so a learned decay (b + ε_b)^κ reaches its end where training does, as in the step-budget episodes the
+    planner is pre-trained on."""
+    planner, *_ = make_planner("graff", update_every=100, token_sequences=0, warmup_fraction=0.0)
+    with torch.no_grad():
+        planner.net.W[0, -2] = 1.0                                  # κ = 1: η = lr_init·(b + ε_b)
+    ctx = StepContext(step=3, elapsed=280.0, budget_left=0.07, progress=1.0, steps_left=0.0, loss=1.0)
+    for p in planner.params:
+        p.grad = torch.zeros_like(p)
+    eta = planner.plan(ctx)
+    assert planner.log()["budget_left"] == 0.0
+    assert eta == pytest.approx(planner.lr_init * 0.01, rel=1e-4)   # not lr_init·(0.07 + 0.01)
+    ctx = StepContext(step=4, elapsed=140.0, budget_left=0.5, progress=0.4, steps_left=60.0, loss=1.0)
+    future = planner.future_budget(ctx, 0.6)
+    assert float(future[0]) == 0.6 and float(future[-1]) == 0.0 and future.numel() == 60
