@@ -294,6 +294,7 @@ def test_the_state_survives_a_save_load_round_trip(make_planner):
     for (n, a), (_, b) in zip(planner.net.named_parameters(), other.net.named_parameters()):
         assert torch.equal(a, b), n
     assert torch.equal(planner.h, other.h) and other.curv.lam_max == planner.curv.lam_max
+    assert len(planner.past) == 5 and torch.equal(torch.stack(other.past), torch.stack(planner.past))
 
 
 def test_the_regret_is_the_running_average_above_the_best_loss_per_unit_of_budget():
