@@ -214,6 +214,7 @@ class GraffConfig:               # proposed, its ablations and its pre-training 
     use_edges: bool = True                     # false: ablation (a), a per-node MLP instead of message passing
     use_budget: bool = True                    # false: ablation (b), no budget feature
     freeze: bool = False                       # true: ablation (c), W and the encoder never change
+    token_multipliers: bool = True             # false: ablation (e), m ≡ 1 (every answer token weighs the same)
     curvature_ema: float = rule(0.95, in_unit, "must be in [0, 1)")          # over one estimate per update
     token_sequences: int = rule(4, lambda v: v >= 0, "must be ≥ 0 (0 = no token-multiplier gradient)")
     lr_mult_range: List[float] = rule([1.0e-3, 10.0], is_range, "must be [low, high] with 0 < low ≤ 1 ≤ high")
@@ -328,12 +329,13 @@ METHOD_PLANNER = {
     "proposed": "graff", "comparative-1": "reactor", "comparative-2": "bats", "comparative-3": "salelr",
     "comparative-4": "constant", "comparative-5": "cosine", "comparative-6": "linear", "comparative-7": "wsd",
     "comparative-8": "schedulefree", "ablation-noedges": "graff", "ablation-nobudget": "graff",
-    "ablation-frozenw": "graff", "ablation-greedy": "graff", "pretrain": "graff",
+    "ablation-frozenw": "graff", "ablation-greedy": "graff", "ablation-uniform": "graff", "pretrain": "graff",
 }
 # What each ablation must switch (and what the full method must keep).  The pre-training may use either objective:
 # the greedy ablation's planner is pre-trained greedily too.
 ABLATION_FLAGS = {"ablation-noedges": ("use_edges", False), "ablation-nobudget": ("use_budget", False),
-                  "ablation-frozenw": ("freeze", True), "ablation-greedy": ("objective", "greedy")}
+                  "ablation-frozenw": ("freeze", True), "ablation-greedy": ("objective", "greedy"),
+                  "ablation-uniform": ("token_multipliers", False)}
 # The seed's short search-space names and the config paths they tune.  Full dotted paths work too.
 SEARCH_ALIASES = {
     "adapter_lr_init": "training.optimizer.lr_init",

@@ -1340,14 +1340,16 @@ class GRAFF(Planner):
                                  one-step hypergradient, kept as the ablation `ablation-greedy`
            plus, for the token rows, −η_u⟨P g_{u+1}, ∇ℓ_{u,i}⟩ by central differences on the kept sequences.
     h_t is a plain tensor carried across steps (never a parameter); its gradient is truncated at one update.
-    With `freeze` W and the encoder never change (the guard still clamps η)."""
+    With `freeze` W and the encoder never change (the guard still clamps η); with `token_multipliers: false`
+    m ≡ 1 at every step and W_{1:K} is neither used nor trained (the ablation `ablation-uniform`)."""
     uses_probe = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         c = self.cfg
         self.learning_paths = ("curvature",) if c.freeze else \
-            ("curvature", "outer", "token_gradient") + (("forecast",) if c.objective == "terminal" else ())
+            ("curvature", "outer") + (("token_gradient",) if c.token_multipliers else ()) + \
+            (("forecast",) if c.objective == "terminal" else ())
         self.activity = {path: 0 for path in self.learning_paths}
         self.net = GraffNet(c.hidden_dim, c.gnn_rounds, c.use_edges)
         self.outer = torch.optim.Adam(self.net.parameters(), lr=c.outer_lr)
@@ -1372,6 +1374,7 @@ class GRAFF(Planner):
         self.sample: TokenSample | None = None
         self.readout_now = readout(self.h_bar, 1.0, self.cfg.use_budget)
         self.entropy_sum, self.step_tokens = torch.zeros(()), 0
+        self.m_spread: torch.Tensor | None = None    # std of the last m_{t,i} applied (()), for the log
         self.last: dict[str, float] = {}
 
     # -- checkpoints of the planner alone (warm start and transfer) --------------------------------------------
@@ -1429,6 +1432,8 @@ class GRAFF(Planner):
         if tokens.entropy is not None:
             self.entropy_sum = self.entropy_sum.to(tokens.entropy.device) + tokens.entropy.float().sum()
         self.step_tokens += tokens.losses.numel()
+        if not self.cfg.token_multipliers:                             # ablation (e): m ≡ 1 at every step
+            return None
         if self.is_measurement_step(tokens.step):
             if tokens.index == 0 and self.is_update_step(tokens.step) and not self.cfg.freeze:
                 phi = self.token_features(tokens)
@@ -1437,7 +1442,9 @@ class GRAFF(Planner):
                 self.sample = TokenSample(sub, phi[:sub.n_answer_tokens].detach(), phi.detach())
             return None                                              # a measurement step: m ≡ 1
         coeffs = (self.net.W[1:].detach() @ self.readout_now).to(tokens.losses.device)
-        return token_multipliers(coeffs, self.token_features(tokens))
+        m = token_multipliers(coeffs, self.token_features(tokens))
+        self.m_spread = m.std().detach() if m.numel() > 1 else None   # read on the next update step (no sync here)
+        return m
 
     # -- after the backward of step t (raw g_t in .grad) ------------------------------------------------------
     def plan(self, ctx):
@@ -1461,6 +1468,8 @@ class GRAFF(Planner):
             h_bar = h.mean(0)
             self.h, self.h_bar = h.detach(), h_bar.detach()
             self.last.update(entropy_mean=float(x[0, 1]), h_norm=float(self.h.norm()))
+            if self.m_spread is not None:                 # the spread of m_{t,i} on the last weighted micro-batch
+                self.last["m_std"] = float(self.m_spread)
         self.readout_now = readout(self.h_bar, b_t, c.use_budget)
         W0 = self.net.W[0] if not c.freeze else self.net.W[0].detach()
         lo, hi = self.eta_bounds()

@@ -202,6 +202,30 @@ def test_measurement_steps_are_unweighted_and_the_others_reweighted(make_planner
     assert all(seen[t] is None for t in measured) and all(seen[t] > 0.05 for t in seen if t not in measured)
 
 
+def test_without_token_multipliers_every_token_weighs_one_and_the_token_rows_never_move(make_planner):
+    """Ablation (e), `token_multipliers: false`: m ≡ 1 at every step (weigh_tokens returns None), W_{1:K} neither
+    used nor trained, while η is still planned and W_0 still learns; the full method logs the spread of m."""
+    planner, *_ = make_planner("graff", update_every=2, token_multipliers=False)
+    planner.forecast = StubForecast(floor=50.0)
+    with torch.no_grad():
+        planner.net.W[1:] = 3.0
+    w_tok, w_eta = planner.net.W[1:].detach().clone(), planner.net.W[0].detach().clone()
+    seen = []
+    real = planner.weigh_tokens
+    planner.weigh_tokens = lambda tokens: seen.append(real(tokens)) or seen[-1]
+    run_steps(planner, 24)                              # the forecast is followed from step MIN_STEPS = 20 on
+    assert len(seen) == 24 and all(m is None for m in seen)
+    assert torch.equal(planner.net.W[1:].detach(), w_tok) and not torch.equal(planner.net.W[0].detach(), w_eta)
+    assert "token_gradient" not in planner.activity and planner.activity["outer"] >= 2
+    assert "m_std" not in planner.log()
+
+    full, *_ = make_planner("graff", update_every=4, freeze=True)
+    with torch.no_grad():
+        full.net.W[1:] = 3.0
+    run_steps(full, 6)                                  # steps 3 and 4 are weighted, 5 is an update step
+    assert full.log()["m_std"] > 0.05
+
+
 def test_token_multipliers_average_to_one_over_their_micro_batch():
     phi = torch.randn(30, 2)
     m = token_multipliers(torch.tensor([1.5, -0.7]), phi)
