@@ -37,8 +37,8 @@ RECORDS = REPO / "bench" / "results" / "embedded"
 # (a run takes about 5.5 minutes with its start and final evaluation: 5 arms x 5 seeds = 25 runs, about 2.3 hours):
 # GRAFF, its greedy ablation (the objective's effect), fixed LR, linear decay to the budget's end, and WSD.
 ARMS = ["proposed", "ablation-greedy", "comparative-4", "comparative-6", "comparative-7"]
-MORE_ARMS = ["ablation-frozenw", "ablation-noedges", "ablation-nobudget", "comparative-1", "comparative-2",
-             "comparative-3", "comparative-5", "comparative-8"]   # --arms all adds these
+MORE_ARMS = ["ablation-uniform", "ablation-frozenw", "ablation-noedges", "ablation-nobudget", "comparative-1",
+             "comparative-2", "comparative-3", "comparative-5", "comparative-8"]   # --arms all adds these
 TUNING_SEED = 100
 SUFFIX = "-iter1-tiny-synthetic"
 

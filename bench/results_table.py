@@ -2,6 +2,7 @@
 
     uv run python bench/export_record.py results/bench/time bench/results/embedded/time   # embedded_benchmark.py does this
     uv run python bench/results_table.py bench/results/embedded/time
+    uv run python bench/results_table.py --reference ablation-uniform bench/results/embedded/time   # Δ vs that arm
     uv run python bench/results_table.py --tuning bench/results/embedded/tuning.json   # the tuning trials
 
 The records (one JSON per run and seed, written by bench/export_record.py and committed to git) are the only
@@ -92,7 +93,9 @@ def logged_mean(record: dict, column: str) -> float | None:
     return mean([row[i] for row in history.get("rows", [])])
 
 
-def build_table(records: list[dict]) -> str:
+def build_table(records: list[dict], reference_arm: str | None = None) -> str:
+    """The tables; the paired comparison is against the best proposed arm, or against `reference_arm` (a method
+    token, e.g. an ablation, to compare it with the baselines)."""
     arms: dict[str, dict[int, dict]] = {}
     planner: dict[str, str] = {}
     mean_lr: dict[str, list] = {}
@@ -104,8 +107,14 @@ def build_table(records: list[dict]) -> str:
     arms = {a: arms[a] for a in order}
     label, suffix = ev.short_labels(order)
     tables = {a: ev.arm_table(s) for a, s in arms.items()}
-    best = ev.best_arm(tables, ev.is_proposed, EM)
-    reference = best["run_id"] if best else None
+    if reference_arm is not None:
+        matches = [a for a in order if label[a] == reference_arm or a == reference_arm]
+        if not matches:
+            raise TableError(f"--reference {reference_arm}: no such arm among the records ({', '.join(label.values())})")
+        reference = matches[0]
+    else:
+        best = ev.best_arm(tables, ev.is_proposed, EM)
+        reference = best["run_id"] if best else None
     baselines = [a for a in order if ev.is_baseline(a)]
     others = [a for a in order if not ev.is_baseline(a) and a != reference]
     # two Holm families: the baselines (the analysis' family, and its spread and power), the ablations and others
@@ -141,7 +150,8 @@ def build_table(records: list[dict]) -> str:
                     f"| {interval({'mean': loss['mean_difference'], 'ci95': loss['ci95']}, '{:.3g}')} "
                     f"| {fmt(loss['t_p_holm'], '{:.2g}')} | {fmt(loss['wilcoxon_p_holm'], '{:.2g}')} "
                     f"| {significant} of {tested} |")
-        lines += ["", f"Δ is {label[reference]} (the best proposed arm) minus the run, over the seeds both have "
+        which = "the best proposed arm" if reference_arm is None else "the reference arm"
+        lines += ["", f"Δ is {label[reference]} ({which}) minus the run, over the seeds both have "
                       f"(EM: positive favours {label[reference]}; loss: negative favours it). p-values are "
                       f"Holm-corrected across the baselines, and separately across the other arms (ablations); "
                       f"paired t: scipy ttest_rel; Wilcoxon signed-rank: scipy, exact for so few seeds (its "
@@ -176,9 +186,12 @@ def main(argv: list[str]) -> int:
         if len(argv) == 2 and argv[0] == "--tuning":
             print(tuning_table(Path(argv[1])), end="")
             return 0
+        reference = None
+        if len(argv) == 3 and argv[0] == "--reference":
+            reference, argv = argv[1], argv[2:]
         if len(argv) != 1:
-            raise TableError("usage: bench/results_table.py <records_dir> | --tuning <tuning.json>")
-        print(build_table(read_records(Path(argv[0]))), end="")
+            raise TableError("usage: bench/results_table.py [--reference ARM] <records_dir> | --tuning <tuning.json>")
+        print(build_table(read_records(Path(argv[0])), reference), end="")
     except TableError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

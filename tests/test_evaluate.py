@@ -520,6 +520,21 @@ def test_the_results_table_compares_a_step_matched_control_on_its_em_at_b(tmp_pa
     assert any("none: step-matched control" in line for line in lines)
 
 
+def test_the_results_table_compares_against_a_named_reference_arm(tmp_path, capsys):
+    """--reference ARM: the paired table is ARM minus every other arm (an ablation against the baselines)."""
+    export, table = bench_module("export_record"), bench_module("results_table")
+    for rid, rec in three_seed_runs().items():
+        rec.config = {"training": {"scheduler": {"type": "graff" if "proposed" in rid else "cosine"}}}
+        (tmp_path / f"{rid}.json").write_text(export.dumps(export.compact_record(rec)))
+    assert table.main(["--reference", "comparative-1", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("| vs comparative-1 (Δ = comparative-1 − run") for line in lines)
+    mean = ev.seed_stats([40.0 - 60.0, 45.0 - 50.0, 41.0 - 52.0])["mean"]      # comparative-1 − proposed
+    assert [line for line in lines if line.startswith(f"| proposed | 3 | {mean:.1f} [")]
+    assert table.main(["--reference", "comparative-9", str(tmp_path)]) == 2
+    assert "no such arm" in capsys.readouterr().err
+
+
 def test_the_results_table_refuses_what_is_not_a_record(tmp_path, capsys):
     table = bench_module("results_table")
     assert table.main([str(tmp_path)]) == 2                                 # empty folder
