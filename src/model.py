@@ -1374,7 +1374,7 @@ class GRAFF(Planner):
         self.sample: TokenSample | None = None
         self.readout_now = readout(self.h_bar, 1.0, self.cfg.use_budget)
         self.entropy_sum, self.step_tokens = torch.zeros(()), 0
-        self.m_spread: torch.Tensor | None = None    # std of the last m_{t,i} applied (()), for the log
+        self.m_last: torch.Tensor | None = None      # the last m_{t,i} applied (n,), detached: its std is logged
         self.last: dict[str, float] = {}
 
     # -- checkpoints of the planner alone (warm start and transfer) --------------------------------------------
@@ -1443,7 +1443,7 @@ class GRAFF(Planner):
             return None                                              # a measurement step: m ≡ 1
         coeffs = (self.net.W[1:].detach() @ self.readout_now).to(tokens.losses.device)
         m = token_multipliers(coeffs, self.token_features(tokens))
-        self.m_spread = m.std().detach() if m.numel() > 1 else None   # read on the next update step (no sync here)
+        self.m_last = m.detach()                         # its spread is read at the next update step, not here
         return m
 
     # -- after the backward of step t (raw g_t in .grad) ------------------------------------------------------
@@ -1468,8 +1468,8 @@ class GRAFF(Planner):
             h_bar = h.mean(0)
             self.h, self.h_bar = h.detach(), h_bar.detach()
             self.last.update(entropy_mean=float(x[0, 1]), h_norm=float(self.h.norm()))
-            if self.m_spread is not None:                 # the spread of m_{t,i} on the last weighted micro-batch
-                self.last["m_std"] = float(self.m_spread)
+            if self.m_last is not None and self.m_last.numel() > 1:   # the spread of the last weighted m_{t,i}
+                self.last["m_std"] = float(self.m_last.std())
         self.readout_now = readout(self.h_bar, b_t, c.use_budget)
         W0 = self.net.W[0] if not c.freeze else self.net.W[0].detach()
         lo, hi = self.eta_bounds()
