@@ -7,7 +7,8 @@ Builds the run's model and data exactly as training does (src.main composes the 
 `optimiser_step` runs the step), then times `--steps` optimiser steps per planner after `--warmup` warm-up steps,
 on the same batches for every planner.  Before any of them, `--warmup` steps with fixed LR warm the device up
 (on a GPU, the first planner's steps were twice as slow without this).  With GRAFF among the planners it also
-times GRAFF with the greedy objective and with fewer token sequences (token_sequences=1), unless `--no-variants`.
+times GRAFF with the greedy objective, with the token products on 4 sequences (the version before session 9) and
+without token multipliers (m ≡ 1), unless `--no-variants`.
 GRAFF's planner work is periodic (every `update_every` steps): use `--steps` of several periods to average it.  "planner share" is the
 time inside the planner's calls (the first-layer probe, token weights, plan, after_step), measured by the loop's
 own stopwatch (synchronised on a GPU).
@@ -76,7 +77,8 @@ def main():
     args = parser.parse_args()
     bench = setup(args.run, args.overrides)
     variants = [("graff", "graff (objective=greedy)", {"objective": "greedy"}),
-                ("graff", "graff (token_sequences=1)", {"token_sequences": 1})] \
+                ("graff", "graff (token_sequences=4)", {"token_sequences": 4}),
+                ("graff", "graff (m ≡ 1)", {"token_multipliers": False})] \
         if "graff" in args.planners and not args.no_variants else []
     rows = measure(bench, args.planners.split(","), args.steps, args.warmup, variants)
     write_record(args.out, bench.device, {"run": args.run, "overrides": args.overrides, "steps": args.steps,

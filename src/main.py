@@ -216,7 +216,14 @@ class GraffConfig:               # proposed, its ablations and its pre-training 
     freeze: bool = False                       # true: ablation (c), W and the encoder never change
     token_multipliers: bool = True             # false: ablation (e), m ≡ 1 (every answer token weighs the same)
     curvature_ema: float = rule(0.95, in_unit, "must be in [0, 1)")          # over one estimate per update
-    token_sequences: int = rule(4, lambda v: v >= 0, "must be ≥ 0 (0 = no token-multiplier gradient)")
+    # sequences of an update step whose per-token products train the token rows (two extra no-grad forwards of
+    # them every update_every steps: the multipliers' whole cost beyond the probe)
+    token_sequences: int = rule(1, lambda v: v >= 0, "must be ≥ 0 (0 = no token-multiplier gradient)")
+    # |log m_{t,i}| ≤ token_bound before normalising: how far one token's weight may move from the others'
+    token_bound: float = rule(0.5, lambda v: v > 0, "must be > 0 (a bound on |log m|; token_multipliers: false "
+                                                   "for m ≡ 1)")
+    # |W_0[:D]·h̄| ≤ state_bound: the run's state moves η within e^{±state_bound} of the learned budget schedule
+    state_bound: float = rule(0.7, lambda v: v > 0, "must be > 0 (a bound on the state's log-LR modulation)")
     lr_mult_range: List[float] = rule([1.0e-3, 10.0], is_range, "must be [low, high] with 0 < low ≤ 1 ≤ high")
 
 

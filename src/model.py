@@ -1025,11 +1025,20 @@ def readout(h_bar: torch.Tensor, budget_left, use_budget: bool = True) -> torch.
     return torch.cat([h_bar.expand(b.shape[0], -1), extra, torch.ones(b.shape[0], 1, dtype=h_bar.dtype)], -1)
 
 
-def token_multipliers(coeffs: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    """m_i = normalise(exp(2·tanh(s_i/2))) with s_i = φ_i · coeffs: (n,), mean 1 over `phi`'s tokens, each within a
-    factor e⁴ of the others (bounded so that no token can take over the loss)."""
+def log_lr_multiplier(r: torch.Tensor, w0: torch.Tensor, state_bound: float) -> torch.Tensor:
+    """log(η/lr_init) before the slab and the guard: W_0's budget part [ρ, κ, c]·[b, log(b + ε_b), 1] (the learned
+    budget schedule) plus its state part W_0[:D]·h̄ clamped to ±`state_bound` (soft_clamp): the run's state moves
+    η within a factor e^{±state_bound} of the schedule, so a pre-trained W whose state part meets states it never
+    saw cannot send η to the slab's edge.  r is (D+3,) or (n, D+3); linear in W_0 inside the band."""
+    w0 = w0.to(r.dtype)
+    return r[..., -3:] @ w0[-3:] + soft_clamp(r[..., :-3] @ w0[:-3], -state_bound, state_bound)
+
+
+def token_multipliers(coeffs: torch.Tensor, phi: torch.Tensor, bound: float) -> torch.Tensor:
+    """m_i = normalise(exp(β·tanh(s_i/β))) with s_i = φ_i · coeffs and β = `bound`: (n,), mean 1 over `phi`'s
+    tokens, each within a factor e^{2β} of the others (bounded so that no token can take over the loss)."""
     s = phi @ coeffs
-    return normalise_weights(torch.exp(2.0 * torch.tanh(s / 2.0)))
+    return normalise_weights(torch.exp(bound * torch.tanh(s / bound)))
 
 
 # -- GRAFF's forecast of the loss at the end of the budget (docs/method.md, "The forecast model") ----------------
@@ -1319,7 +1328,8 @@ class GRAFF(Planner):
     """GRAFF: a graph-recurrent, budget-aware, differentiable LR planner (docs/method.md).
 
     Every step: η_t = lr_init·exp(clamp(W_0·r_t)) from the latest state h̄ and the training budget left b_t (1 −
-    progress: 0 where training ends, before the final evaluation's reserve), clamped to the stability guard and the
+    progress: 0 where training ends, before the final evaluation's reserve), the state's part of W_0·r_t within
+    ±`state_bound` of the budget's (log_lr_multiplier), clamped to the stability guard and the
     safety slab (with a linear warmup over the first `warmup_fraction` of the horizon, as every schedule here);
     token multipliers m_{t,i} from W_{1:K}·r_t and per-token features.
     Every `update_every` steps (an update step u, then u+1):
@@ -1442,7 +1452,7 @@ class GRAFF(Planner):
                 self.sample = TokenSample(sub, phi[:sub.n_answer_tokens].detach(), phi.detach())
             return None                                              # a measurement step: m ≡ 1
         coeffs = (self.net.W[1:].detach() @ self.readout_now).to(tokens.losses.device)
-        m = token_multipliers(coeffs, self.token_features(tokens))
+        m = token_multipliers(coeffs, self.token_features(tokens), self.cfg.token_bound)
         self.m_last = m.detach()                         # its spread is read at the next update step, not here
         return m
 
@@ -1474,7 +1484,7 @@ class GRAFF(Planner):
         W0 = self.net.W[0] if not c.freeze else self.net.W[0].detach()
         lo, hi = self.eta_bounds()
         r_t = readout(h_bar, b_t, c.use_budget) if update else self.readout_now
-        log_mult = W0 @ r_t                                            # W_0·r_t
+        log_mult = log_lr_multiplier(r_t, W0, c.state_bound)           # W_0·r_t, the state part within its band
         warmup = max(min(1.0, ctx.progress / c.warmup_fraction) if c.warmup_fraction > 0 else 1.0, MIN_MULTIPLIER)
         eta = self.lr_init * warmup * torch.exp(soft_clamp(log_mult, lo, hi))
         W0 = W0.detach()
@@ -1494,6 +1504,7 @@ class GRAFF(Planner):
                          eta_lambda_over_edge=self.eta * lam / self.edge, regret=self.regret.value(ctx.elapsed),
                          guard_binds=float(float(log_mult.detach()) > hi),
                          w_budget_rho=float(W0[-3]), w_budget_kappa=float(W0[-2]), w_bias=float(W0[-1]),
+                         eta_state=float(r_t[:-3].detach() @ W0[:-3]),
                          w_norm=float(self.net.W.detach().norm()))
         if outer_norm is not None:
             self.last["outer_grad_norm"] = outer_norm
@@ -1559,7 +1570,8 @@ class GRAFF(Planner):
             objective = objective + self.curv.hypergradient * p.eta
         if p.tokens is not None and p.tokens.phi.numel():
             coeffs = self.token_coefficients(p.tokens)                # ∂L_{u+1}/∂m_{u,i} (n_s,)
-            m = token_multipliers(self.net.W[1:] @ p.readout, p.tokens.phi_batch.cpu())[: coeffs.numel()]
+            m = token_multipliers(self.net.W[1:] @ p.readout, p.tokens.phi_batch.cpu(),
+                                  c.token_bound)[: coeffs.numel()]
             scale = p.tokens.phi_batch.shape[0] / max(coeffs.numel(), 1)          # the sample stands for its batch
             objective = objective + scale * (coeffs * m).sum()
             self.activity["token_gradient"] += 1
@@ -1604,13 +1616,15 @@ class GRAFF(Planner):
         with the state h̄, the budget, the warmup and the bounds that step had."""
         past = torch.stack(self.past)
         r, warmup, lo, hi = past[:, :-3], past[:, -3], past[:, -2], past[:, -1]
-        return self.lr_init * warmup * torch.exp(soft_clamp(r @ self.net.W[0].double(), lo, hi))
+        log_mult = log_lr_multiplier(r, self.net.W[0].double(), self.cfg.state_bound)
+        return self.lr_init * warmup * torch.exp(soft_clamp(log_mult, lo, hi))
 
     def future_etas(self, h_bar: torch.Tensor, future_b: torch.Tensor) -> torch.Tensor:
         """η at those budget values under the current W (differentiable in W and h̄), clamped to the slab and the
         guard as every step's η is (a clamp that lets a gradient back inside pass: soft_clamp)."""
         lo, hi = self.eta_bounds()
-        log_mult = readout(h_bar.double(), future_b, self.cfg.use_budget) @ self.net.W[0].double()
+        log_mult = log_lr_multiplier(readout(h_bar.double(), future_b, self.cfg.use_budget), self.net.W[0].double(),
+                                     self.cfg.state_bound)
         return self.lr_init * torch.exp(soft_clamp(log_mult, lo, hi))
 
     def token_coefficients(self, sample: TokenSample) -> torch.Tensor:

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from src.model import (GRAFF_FORMAT, RegretMeter, StepContext, finite_difference_jvp, per_token_jvp,
-                       preconditioned_gradient, readout, token_multipliers)
+from src.model import (GRAFF_FORMAT, RegretMeter, StepContext, finite_difference_jvp, log_lr_multiplier,
+                       per_token_jvp, preconditioned_gradient, readout, token_multipliers)
 from src.train import Budget, optimiser_step
 from tests.helpers import random_batch
 
@@ -226,11 +226,46 @@ def test_without_token_multipliers_every_token_weighs_one_and_the_token_rows_nev
     assert full.log()["m_std"] > 0.05
 
 
-def test_token_multipliers_average_to_one_over_their_micro_batch():
+def test_the_state_moves_log_eta_only_within_its_band_around_the_budget_schedule():
+    """log(η/lr_init) = [ρ, κ, c]·[b, log(b + ε), 1] + clamp(W_0[:D]·h̄, ±state_bound): a state part far outside the
+    band (a pre-trained W meeting a state it never saw) moves η by at most e^{±bound}; inside it, the map is W_0·r
+    exactly; outside, the gradient still reaches W_0's state part where descent moves it back into the band."""
+    h_bar, w0 = torch.full((4,), 0.5), torch.tensor([3.0, 3.0, 3.0, 3.0, 0.2, 0.3, 0.1], requires_grad=True)
+    r = readout(h_bar, torch.tensor([1.0, 0.5, 0.0]))                 # (3, D+3)
+    budget_part = r[:, -3:] @ w0[-3:].detach()
+    assert torch.allclose(log_lr_multiplier(r, w0, 0.7), budget_part + 0.7)          # the state part: 6.0 -> 0.7
+    (-log_lr_multiplier(r, w0, 0.7)).sum().backward()     # descent on −log η pushes it further out: no gradient
+    assert torch.equal(w0.grad[:4], torch.zeros(4)) and torch.all(w0.grad[-3:] != 0)
+    w0.grad = None
+    log_lr_multiplier(r, w0, 0.7).sum().backward()        # descent on log η brings it back inside: gradient passes
+    assert torch.all(w0.grad[:4] > 0)
+    small = torch.tensor([0.1, 0.0, 0.0, 0.0, 0.2, 0.3, 0.1])
+    assert torch.allclose(log_lr_multiplier(r, small, 0.7), r @ small)                 # inside the band: W_0·r
+
+
+def test_a_pre_trained_state_part_cannot_send_eta_past_its_band(make_planner):
+    """In the planner: with W_0's state part huge, every step's η stays within e^{state_bound} of the schedule."""
+    planner, *_ = make_planner("graff", update_every=2, freeze=True, warmup_fraction=0.0, state_bound=0.5,
+                               lr_mult_range=[1e-3, 100.0])
+    with torch.no_grad():
+        planner.net.W[0] = 0.0
+        planner.net.W[0, :-3] = 50.0                                  # the schedule part: η = lr_init
+    etas = []
+    run_steps(planner, 8, check=lambda p: etas.append(p.eta / p.lr_init))
+    assert all(math.exp(-0.5) - 1e-6 <= e <= math.exp(0.5) + 1e-6 for e in etas)
+    assert any(abs(e - 1.0) > 0.3 for e in etas)                      # and the state does move it
+
+
+@pytest.mark.parametrize("bound", [0.5, 2.0])
+def test_token_multipliers_average_to_one_over_their_micro_batch_within_their_bound(bound):
+    """Mean 1 (they reweight, never rescale); no two tokens further apart than e^{2β}, however large the scores,
+    and the bound is what limits them (a score 10x larger barely moves the spread)."""
     phi = torch.randn(30, 2)
-    m = token_multipliers(torch.tensor([1.5, -0.7]), phi)
+    m = token_multipliers(torch.tensor([1.5, -0.7]), phi, bound)
     assert m.mean().item() == pytest.approx(1.0, abs=1e-6) and m.std() > 0.1
-    assert m.max() / m.min() <= math.exp(4) + 1e-4
+    huge = token_multipliers(torch.tensor([150.0, -70.0]), phi, bound)
+    assert huge.max() / huge.min() <= math.exp(2 * bound) + 1e-4
+    assert huge.max() / huge.min() > math.exp(2 * bound) * 0.95
 
 
 def test_the_finite_difference_token_products_match_the_exact_jvp_and_restore_the_weights(make_planner):
