@@ -93,3 +93,19 @@ def test_a_knob_of_another_planner_is_refused_by_the_schema():
         cfg, _ = entry.compose(["run=comparative-6-iter1-tiny-synthetic", "mode=trial",
                                 "+optuna.search_space.graff_outer_lr={type: uniform, low: 0.1, high: 1}"])
         entry.validate(cfg, set())
+
+
+ABLATION_SWITCH = {"ablation-greedy": {"objective"}, "ablation-uniform": {"token_multipliers"},
+                   "ablation-frozenw": {"freeze"}, "ablation-nobudget": {"use_budget"},
+                   "ablation-noedges": {"use_edges"}}
+
+
+@pytest.mark.parametrize("arm", sorted(ABLATION_SWITCH))
+def test_an_ablation_differs_from_graff_only_in_its_switch(arm):
+    """What an ablation measures is its switch alone: every other GRAFF setting (the token multipliers' bound and
+    sequences included) is the proposed run's; only the tuned knobs and the warm-start file may differ."""
+    proposed, _ = entry.compose(["run=proposed-iter1-tiny-synthetic", "mode=full"])
+    ablation, _ = entry.compose([f"run={arm}-iter1-tiny-synthetic", "mode=full"])
+    mine, theirs = (OmegaConf.to_container(c.training.scheduler) for c in (ablation, proposed))
+    differ = {k for k in mine if mine[k] != theirs[k]} - {"outer_lr", "warm_start_ckpt"}
+    assert differ == ABLATION_SWITCH[arm]
