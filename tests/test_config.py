@@ -100,12 +100,13 @@ ABLATION_SWITCH = {"ablation-greedy": {"objective"}, "ablation-uniform": {"token
                    "ablation-noedges": {"use_edges"}}
 
 
+@pytest.mark.parametrize("suffix", ["iter1-tiny-synthetic", "iter1-Qwen3-0.6B-gsm8k"])
 @pytest.mark.parametrize("arm", sorted(ABLATION_SWITCH))
-def test_an_ablation_differs_from_graff_only_in_its_switch(arm):
+def test_an_ablation_differs_from_graff_only_in_its_switch(arm, suffix):
     """What an ablation measures is its switch alone: every other GRAFF setting (the token multipliers' bound and
     sequences included) is the proposed run's; only the tuned knobs and the warm-start file may differ."""
-    proposed, _ = entry.compose(["run=proposed-iter1-tiny-synthetic", "mode=full"])
-    ablation, _ = entry.compose([f"run={arm}-iter1-tiny-synthetic", "mode=full"])
+    proposed, _ = entry.compose([f"run=proposed-{suffix}", "mode=full"])
+    ablation, _ = entry.compose([f"run={arm}-{suffix}", "mode=full"])
     mine, theirs = (OmegaConf.to_container(c.training.scheduler) for c in (ablation, proposed))
     differ = {k for k in mine if mine[k] != theirs[k]} - {"outer_lr", "warm_start_ckpt"}
     assert differ == ABLATION_SWITCH[arm]
