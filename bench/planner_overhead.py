@@ -9,9 +9,10 @@ on the same batches for every planner.  Before any of them, `--warmup` steps wit
 (on a GPU, the first planner's steps were twice as slow without this).  With GRAFF among the planners it also
 times GRAFF with the greedy objective, with the token products on 4 sequences (the version before session 9) and
 without token multipliers (m ≡ 1), unless `--no-variants`.
-GRAFF's planner work is periodic (every `update_every` steps): use `--steps` of several periods to average it.  "planner share" is the
-time inside the planner's calls (the first-layer probe, token weights, plan, after_step), measured by the loop's
-own stopwatch (synchronised on a GPU).
+GRAFF's planner work is periodic (every `update_every` steps): use `--steps` of several periods to average it; its
+rows also give the planner's median milliseconds by position in the cycle (the update step u, u+1, the others).
+"planner share" is the time inside the planner's calls (the first-layer probe, token weights, plan, after_step),
+measured by the loop's own stopwatch (synchronised on a GPU).
 
 On a GPU, the Qwen3-0.6B architecture is timed without the hub on a local folder of the same shape (random
 weights, the full 151,936-word vocabulary; timing does not depend on the weights), as bench/gpu_checks.sh does:
@@ -22,6 +23,7 @@ weights, the full 151,936-word vocabulary; timing does not depend on the weights
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -47,6 +49,7 @@ def measure(bench, kinds, steps, warmup, graff_variants):
         planner = fresh_planner(bench, kind, batches, overrides)
         total = planner_s = 0.0
         tokens = 0
+        by_position = {"u": [], "u+1": [], "other": []}     # GRAFF's update cycle: the update step u, then u+1
         for i, micro in enumerate(batches):
             start = now(bench.device)
             result = optimiser_step(planner, micro, bench.device, bench.autocast, t.clip_grad_norm,
@@ -55,12 +58,20 @@ def measure(bench, kinds, steps, warmup, graff_variants):
                 total += now(bench.device) - start
                 planner_s += result.planner_s
                 tokens += result.tokens
+                if kind == "graff":
+                    position = "u" if planner.is_update_step(i) else "u+1" if planner.is_update_step(i - 1) else "other"
+                    by_position[position].append(result.planner_s)
         if label is None:   # the device warm-up
             continue
-        rows.append({"planner": label, "step_s": total / steps, "planner_share": planner_s / total,
-                     "tokens_per_s": tokens / total})
+        row = {"planner": label, "step_s": total / steps, "planner_share": planner_s / total,
+               "tokens_per_s": tokens / total}
+        split = ""
+        if kind == "graff":
+            row["planner_ms_median"] = {k: 1000 * statistics.median(v) for k, v in by_position.items() if v}
+            split = "   planner ms (median) " + ", ".join(f"{k} {v:.1f}" for k, v in row["planner_ms_median"].items())
+        rows.append(row)
         print(f"{label:28s} {total / steps * 1000:8.1f} ms/step   planner {100 * planner_s / total:5.1f}%   "
-              f"{tokens / total:10,.0f} tok/s", flush=True)
+              f"{tokens / total:10,.0f} tok/s{split}", flush=True)
     return rows
 
 

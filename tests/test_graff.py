@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from src.model import (GRAFF_FORMAT, RegretMeter, StepContext, finite_difference_jvp, log_lr_multiplier,
-                       per_token_jvp, preconditioned_gradient, readout, token_multipliers)
+                       per_token_jvp, preconditioned_gradient, readout, token_multipliers, unflat)
 from src.train import Budget, optimiser_step
 from tests.helpers import random_batch
 
@@ -275,7 +275,7 @@ def test_the_finite_difference_token_products_match_the_exact_jvp_and_restore_th
     batch = random_batch(n=4, seed=11)
     losses = lm(batch.input_ids, batch.attention_mask, batch.answer_mask)
     losses.mean().backward(retain_graph=True)                   # g_{t+1} in .grad
-    direction = preconditioned_gradient(params, optimizer)
+    direction = unflat(preconditioned_gradient(params, optimizer), params)
     reference = torch.stack([sum((g * d).sum() for g, d in zip(torch.autograd.grad(losses[i], params,
                                                                                  retain_graph=True), direction))
                              for i in range(losses.numel())])

@@ -152,7 +152,7 @@ def test_update_curvature_is_unbiased_under_gradient_noise():
             before = theta[0].detach().clone()
             opt.step()
             curv.after_step(eta, 1.0)
-            prev = (curv.v[0].clone(), before) if curv.v is not None else None
+            prev = (curv.v.clone(), before) if curv.v is not None else None
         excess[name] = sum(gaps[20:]) / sum(scale[20:])                  # average excess, relative to the signal
     assert abs(excess["fixed"]) < 0.15
     assert excess["naive"] > 1.0
