@@ -45,6 +45,7 @@ def setup(run: str, overrides: list[str]) -> Bench:
     prepare_hub_access([cfg.model.name, cfg.dataset.name])
     t = cfg.training
     device = pick_device(t.device)
+    torch.manual_seed(cfg.seed)      # as training does: the LoRA initialisation is drawn from the seeded generator
     loaded = build_model(cfg.model, t.gradient_checkpointing, device)
     stream = TrainStream(cfg.dataset, PromptFormat(loaded.tokenizer), t.micro_batch_size, cfg.dataset.max_tokens,
                          cfg.seed, 1000)
@@ -67,6 +68,7 @@ def fresh_planner(bench: Bench, kind: str, batches: list, knob_overrides: dict |
     own = OmegaConf.to_container(t.scheduler) if t.scheduler.type == kind else {}
     training.scheduler = OmegaConf.merge(OmegaConf.structured(SCHEDULERS[kind]), own,
                                          {"warm_start_ckpt": None} if kind == "graff" else {}, knob_overrides or {})
+    torch.manual_seed(bench.cfg.seed)   # a cold GRAFF's encoder is drawn from it: every planner, every process alike
     bench.planner = build_planner(peft, training, probe_batches=[mb for step in batches[:4] for mb in step])
     return bench.planner
 
