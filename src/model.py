@@ -546,11 +546,10 @@ def adam_view(params: Sequence[nn.Parameter], optimizer) -> AdamView | bool | No
     states = [optimizer.state.get(p, {}) for p in params]
     if any("exp_avg" not in st or float(st["step"]) < 1 for st in states):
         return False
-    sizes = torch.tensor([p.numel() for p in params], device=params[0].device)
-
     def per_element(values):      # one number where every parameter has the same (the usual case: cheaper)
         if all(x == values[0] for x in values):
             return float(values[0])
+        sizes = torch.tensor([p.numel() for p in params], device=params[0].device)
         return torch.tensor(values, dtype=torch.float32, device=params[0].device).repeat_interleave(sizes)
 
     settings = [groups[id(p)] for p in params]
@@ -1788,23 +1787,20 @@ def per_token_jvp(lm: TokenLoss, batch: MicroBatch, tangents: dict[str, torch.Te
     """d_i = ⟨v, ∇_θ ℓ_i⟩ for every answer token i of `batch` at once: one forward-mode JVP, (n,), detached.
 
     θ are the trainable parameters, v = `tangents` (by parameter name).  Attention runs on the math kernel (the
-    fused ones have no forward-mode derivative), in eval mode (no dropout: the derivative of the deterministic
-    loss) and without the entropy probe.  GRAFF's first version computed this every step; it is now the exact
+    fused ones have no forward-mode derivative), without dropout (`TokenLoss.deterministic`: the derivative of
+    the deterministic loss) and without the entropy probe.  GRAFF's first version computed this every step; it is now the exact
     reference that tests/test_graff.py and bench/token_gradient_cost.py compare `finite_difference_jvp` with."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     primals = {name: q.detach() for name, q in lm.named_parameters() if q.requires_grad}
-    was_training = lm.training
-    lm.eval()
     probe, lm.probe_ids = lm.probe_ids, None
     try:
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([SDPBackend.MATH]), lm.deterministic():
             def losses(params):
                 return torch.func.functional_call(lm, params, (batch.input_ids, batch.attention_mask,
                                                                batch.answer_mask), {"checkpoint_head": False})
             _, d = torch.func.jvp(losses, (primals,), (tangents,))
     finally:
         lm.probe_ids = probe
-        lm.train(was_training)
     return d.detach()
 
 
