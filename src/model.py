@@ -1035,7 +1035,7 @@ class REACTOR(Planner):
 # 8. GRAFF
 # ----------------------------------------------------------------------------------------------------
 # The method and every choice it leaves open are in docs/method.md; this section follows its notation.
-GRAFF_FORMAT = "graff-planner-v3"
+GRAFF_FORMAT = "graff-planner-v4"   # v4: pre-trained with gradient clipping applied (v3 and before: not)
 N_NODE_FEATURES = 5    # x_{t,i} = [η_t·λ̂_i / edge, H̄_t, b_t, log(b_t + ε_b), log(‖g_i‖ / mean_j ‖g_j‖)]
 N_EDGE_FEATURES = 2    # e_ij = [x_i[0] − x_j[0], H̄_t]
 N_TOKEN_FEATURES = 2   # φ_{t,i} = [z-scored probe entropy H_i, relative answer position − 1/2]

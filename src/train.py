@@ -631,7 +631,8 @@ def optimiser_step(planner, micro_batches, device, autocast, clip: float, ctx: S
         weighted = (losses * weights).sum() if weights is not None else losses.sum()
         (weighted / n_total).backward()
         loss_sum += losses.detach().sum()
-    grads = [p.grad for p in params if p.grad is not None]
+    with_grad = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in with_grad]
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
     loss_total, grad_norm = torch.stack([loss_sum, norm.to(loss_sum.dtype)]).tolist()   # the step's one read
     loss = loss_total / max(n_total, 1)
@@ -647,7 +648,7 @@ def optimiser_step(planner, micro_batches, device, autocast, clip: float, ctx: S
         raise RuntimeError(f"planner {type(planner).__name__} returned η={eta} (must be finite and > 0)")
     if clip > 0:
         ctx.grad_scale = min(1.0, clip / (grad_norm + 1e-6))
-        torch.nn.utils.clip_grads_with_norm_(grads, clip, norm)
+        torch.nn.utils.clip_grads_with_norm_(with_grad, clip, norm)   # takes the parameters (scales their .grad)
     for group in optimizer.param_groups:
         group["lr"] = eta
     optimizer.step()

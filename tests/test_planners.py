@@ -91,6 +91,39 @@ def test_update_curvature_recovers_a_quadratic_and_its_blocks():
     assert curv.hypergradient < 0                               # a larger step would have lowered the loss more
 
 
+def test_update_curvature_reads_the_gradient_before_clipping():
+    """The loop clips g_t in .grad between `before_step` and the optimiser step; the pair must still measure the
+    curvature (the step is clipped, the secant is not: a_t is ⟨g_t, v_t⟩ of the raw g_t)."""
+    theta = [torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([0.5]))]
+    lam = [3.0, 50.0]
+    curv = UpdateCurvature(theta, torch.tensor([0, 1]), 2, ema=0.0)
+    eta, scale = 0.01, 0.1
+    for step in range(3):
+        for p, l in zip(theta, lam):
+            p.grad = l * p.detach().clone()
+        curv.observe()
+        curv.before_step()
+        with torch.no_grad():
+            for p in theta:
+                p.grad *= scale                       # clipping, in place
+                p -= eta * p.grad
+        curv.after_step(eta, grad_scale=scale)
+    assert curv.lam_blocks.tolist() == pytest.approx(lam, rel=1e-4)
+
+
+def test_the_optimiser_step_clips_the_gradient_it_steps_with(make_planner):
+    """training.clip_grad_norm is applied: after the step the gradient in .grad (the one AdamW stepped with) has
+    norm clip, and the logged norm is the one before clipping."""
+    planner, *_ = make_planner("constant")
+    seen = []
+    planner.after_step = lambda ctx: seen.append((float(torch.nn.utils.get_total_norm(
+        [p.grad for p in planner.params if p.grad is not None])), ctx.grad_scale))
+    result = run_steps(planner, None, None, None, 1, clip=1e-3)[0]
+    norm_after, scale = seen[0]
+    assert result.grad_norm > 1e-2 and scale < 0.1
+    assert norm_after == pytest.approx(1e-3, rel=1e-3)
+
+
 def _noisy_adamw(steps, ema, seed=0, d=2000, h=2.0, sigma=1.0, eta=1e-2, etas=None):
     """AdamW on L(θ) = ½ h‖θ‖² with gradient noise σ: the preconditioned sharpness is h·mean(1/(√v̂ + ε)), known
     at every step from the optimiser's state.  Yields (step, estimator, the true sharpness, the pair (a, b, den))."""
