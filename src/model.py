@@ -25,6 +25,7 @@ import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar, Sequence
@@ -86,6 +87,7 @@ class TokenBatch:
 class Planner:
     """One interface for every learning-rate planner.  Per optimiser step t the loop calls, in order:
 
+        needs_probe(step)     before step t's forwards: whether its tokens need the first-layer probe entropy
         weigh_tokens(tokens)  once per micro-batch, after its forward and before its backward: token
                               multipliers (n,) with mean 1 over the micro-batch's answer tokens, or None
         plan(ctx) -> η_t      after the backward of all micro-batches (raw gradients g_t in .grad), before
@@ -120,6 +122,9 @@ class Planner:
         self.optimizer = torch.optim.AdamW(self.params, lr=self.lr_init, betas=tuple(self.opt_cfg.betas),
                                            weight_decay=self.opt_cfg.weight_decay)
         return self.optimizer
+
+    def needs_probe(self, step: int) -> bool:
+        return self.uses_probe
 
     def weigh_tokens(self, tokens: TokenBatch) -> torch.Tensor | None:
         return None
@@ -518,21 +523,32 @@ def flat_grads(params: Sequence[nn.Parameter]) -> torch.Tensor:
 class AdamView:
     """AdamW's state of a list of parameters as flat fp32 vectors (P,): the moments m (exp_avg) and v (exp_avg_sq),
     and per element its step count k and its group's β1, β2, ε and weight decay λ_wd (each a number where all
-    parameters share it)."""
-    m: torch.Tensor
-    v: torch.Tensor
+    parameters share it).  The vectors are read from the optimiser's state when first used, then kept: a view is
+    a snapshot for one moment between two optimiser steps (the noise temperature and the committed direction share
+    one; the curvature's denominator needs v alone)."""
+    states: list[dict]
     k: torch.Tensor | float
     beta1: torch.Tensor | float
     beta2: torch.Tensor | float
     eps: torch.Tensor | float
     wd: torch.Tensor | float
 
+    @cached_property
+    def m(self) -> torch.Tensor:
+        return flat([st["exp_avg"] for st in self.states])
+
+    @cached_property
+    def v(self) -> torch.Tensor:
+        return flat([st["exp_avg_sq"] for st in self.states])
+
+    @cached_property
     def v_hat(self) -> torch.Tensor:
         return self.v / (1 - self.beta2 ** self.k)
 
+    @cached_property
     def preconditioner_inverse(self) -> torch.Tensor:
         """P⁻¹ = √v̂ + ε: the metric of AdamW's last step."""
-        return self.v_hat().sqrt() + self.eps
+        return self.v_hat.sqrt() + self.eps
 
 
 def adam_view(params: Sequence[nn.Parameter], optimizer) -> AdamView | bool | None:
@@ -553,8 +569,7 @@ def adam_view(params: Sequence[nn.Parameter], optimizer) -> AdamView | bool | No
         return torch.tensor(values, dtype=torch.float32, device=params[0].device).repeat_interleave(sizes)
 
     settings = [groups[id(p)] for p in params]
-    return AdamView(m=flat([st["exp_avg"] for st in states]), v=flat([st["exp_avg_sq"] for st in states]),
-                    k=per_element([float(st["step"]) for st in states]),
+    return AdamView(states=states, k=per_element([float(st["step"]) for st in states]),
                     beta1=per_element([g["betas"][0] for g in settings]),
                     beta2=per_element([g["betas"][1] for g in settings]),
                     eps=per_element([g["eps"] for g in settings]),
@@ -608,6 +623,9 @@ class UpdateCurvature:
         self.num_ema = self.den_ema = 0.0               # EMA[a − b], EMA[η·den]
         self.hypergradient = float("nan")               # −⟨g_{t+1}, u_t⟩ of the latest pair
         self.pair: tuple[float, float, float] | None = None   # (a, b, den) of the latest pair, in total
+        self.p_inv: torch.Tensor | None = None          # P⁻¹ = √v̂ + ε after step t (None without Adam state)
+        self.g_t: torch.Tensor | None = None            # g_t (P,), raw (before clipping)
+        self.g_next: torch.Tensor | None = None         # g_{t+1} (P,) of the latest pair, raw
         self._v_next: torch.Tensor | bool | None = None
         self._optimizer = None
 
@@ -629,9 +647,10 @@ class UpdateCurvature:
 
     @torch.no_grad()
     def before_step(self, optimizer: torch.optim.Optimizer | None = None,
-                    adam: AdamView | bool | None = None) -> None:
-        """Before the optimiser step t: keep θ_t and the committed direction v_t (`adam`: the optimiser's state
-        now, when the caller has read it already)."""
+                    adam: AdamView | bool | None = None, grads: torch.Tensor | None = None) -> None:
+        """Before the optimiser step t (raw g_t in .grad): keep θ_t, g_t and the committed direction v_t (`adam`:
+        the optimiser's state now, `grads`: g_t flat, when the caller has read them already)."""
+        self.g_t = grads if grads is not None else flat_grads(self.params)
         self.theta_t = flat(self.params)
         self._v_next = committed_direction(self.theta_t, adam if adam is not None else
                                            adam_view(self.params, optimizer))
@@ -639,7 +658,7 @@ class UpdateCurvature:
 
     @torch.no_grad()
     def after_step(self, eta: float, grad_scale: float) -> None:
-        """After the optimiser step (g_t, clipped, still in .grad): u_t, a_t = ⟨g_t, v_t⟩ (unclipped) and the
+        """After the optimiser step: u_t, a_t = ⟨g_t, v_t⟩ (g_t as kept by `before_step`, before clipping) and the
         denominator ⟨v_t, P⁻¹u_t⟩ with P the preconditioner step t used."""
         if self.theta_t is None or eta <= 0:
             return
@@ -648,9 +667,10 @@ class UpdateCurvature:
             self.reset_pair()
             return
         self.v = self.u if self._v_next is None else self._v_next
-        self.a_blocks = self.block_dots(flat_grads(self.params), self.v) / grad_scale
+        self.a_blocks = self.block_dots(self.g_t, self.v)            # g_t as it was before clipping
         view = adam_view(self.params, self._optimizer)
-        metric = self.u * view.preconditioner_inverse() if isinstance(view, AdamView) else self.u
+        self.p_inv = view.preconditioner_inverse if isinstance(view, AdamView) else None
+        metric = self.u * self.p_inv if self.p_inv is not None else self.u
         self.den_blocks = self.block_dots(self.v, metric)
         self.eta, self.grad_scale = eta, grad_scale
 
@@ -660,7 +680,7 @@ class UpdateCurvature:
         there is no pair to complete."""
         if self.u is None or self.a_blocks is None:
             return False
-        grads = flat_grads(self.params)
+        grads = self.g_next = flat_grads(self.params)
         self.hypergradient = -float((grads * self.u).sum())
         b_blocks = self.block_dots(grads, self.v)
         num, den = self.a_blocks - b_blocks, self.den_blocks
@@ -674,6 +694,11 @@ class UpdateCurvature:
             self.den_ema = self.ema * self.den_ema + (1 - self.ema) * self.eta * d
         self.u = self.v = self.a_blocks = self.den_blocks = None     # θ_t stays until the next before_step
         return True
+
+    def preconditioned_next_gradient(self) -> torch.Tensor:
+        """P g_{t+1}, flat (P,), of the latest pair: its raw gradient g_{t+1} times the preconditioner AdamW holds
+        until step t+1 (read after step t), what `preconditioned_gradient` reads at t+1, without reading it again."""
+        return self.g_next / self.p_inv if self.p_inv is not None else self.g_next
 
     def reset_pair(self) -> None:
         """Forget u_t (after a skipped step the next gradient no longer pairs with it)."""
@@ -693,7 +718,7 @@ def committed_direction(theta: torch.Tensor, adam: AdamView | bool | None) -> to
     without Adam state (the caller then uses the update itself); False before AdamW's first step."""
     if not isinstance(adam, AdamView):
         return adam
-    return adam.beta1 * adam.m / ((1 - adam.beta1 ** (adam.k + 1)) * adam.preconditioner_inverse()) + adam.wd * theta
+    return adam.beta1 * adam.m / ((1 - adam.beta1 ** (adam.k + 1)) * adam.preconditioner_inverse) + adam.wd * theta
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1093,14 +1118,19 @@ class GraffNet(nn.Module):
         return self.gru(z, h)
 
 
+def budget_features(b: float, use_budget: bool = True) -> list[float]:
+    """[b, log(b + ε_b), 1]: the budget's part of the readout r, as numbers (both budget entries 0 without the
+    budget feature, ablation b)."""
+    return [b, math.log(b + BUDGET_EPS), 1.0] if use_budget else [0.0, 0.0, 1.0]
+
+
 def readout(h_bar: torch.Tensor, budget_left, use_budget: bool = True) -> torch.Tensor:
-    """r = [h̄; b; log(b + ε_b); 1]: (D+3,), or (n, D+3) for a tensor of budget values b (n,).  Without the budget
-    feature (ablation b) both budget entries are 0."""
-    b = torch.as_tensor(budget_left, dtype=h_bar.dtype)
+    """r = [h̄; b; log(b + ε_b); 1]: (D+3,) for a number b, or (n, D+3) for a tensor of budget values b (n,)."""
+    if not isinstance(budget_left, torch.Tensor):
+        return torch.cat([h_bar, torch.tensor(budget_features(float(budget_left), use_budget), dtype=h_bar.dtype)])
+    b = budget_left.to(h_bar.dtype)
     extra = torch.stack([b, torch.log(b + BUDGET_EPS)], -1) if use_budget else torch.zeros(*b.shape, 2,
                                                                                            dtype=h_bar.dtype)
-    if b.dim() == 0:
-        return torch.cat([h_bar, extra, torch.ones(1, dtype=h_bar.dtype)])
     return torch.cat([h_bar.expand(b.shape[0], -1), extra, torch.ones(b.shape[0], 1, dtype=h_bar.dtype)], -1)
 
 
@@ -1111,6 +1141,13 @@ def log_lr_multiplier(r: torch.Tensor, w0: torch.Tensor, state_bound: float) -> 
     saw cannot send η to the slab's edge.  r is (D+3,) or (n, D+3); linear in W_0 inside the band."""
     w0 = w0.to(r.dtype)
     return r[..., -3:] @ w0[-3:] + soft_clamp(r[..., :-3] @ w0[:-3], -state_bound, state_bound)
+
+
+def log_lr_multiplier_value(r: list[float], w0: list[float], state_bound: float) -> float:
+    """`log_lr_multiplier` in plain numbers (r and W_0 as lists): a step that needs no gradient computes η in a few
+    µs instead of about twenty tensor operations."""
+    state = sum(x * w for x, w in zip(r[:-3], w0[:-3]))
+    return sum(x * w for x, w in zip(r[-3:], w0[-3:])) + min(max(state, -state_bound), state_bound)
 
 
 def token_multipliers(coeffs: torch.Tensor, phi: torch.Tensor, bound: float) -> torch.Tensor:
@@ -1178,6 +1215,7 @@ class TrajectoryForecast:
         self.K = K = n_modes
         self._a_tab = np.logspace(-7, math.log10(1.95), 400)          # r(a), G(a) tabulated over a = ηκ
         self._r_tab, self._G_tab = momentum_moments(self._a_tab, self.momentum)
+        self._log_a_tab = np.log(self._a_tab)
         self.phi, self.psi = np.ones(K), np.zeros(K)                   # Φ(τ), Ψ(τ) of the step about to run
         cap = max(horizon, 16) + 1
         self.PHI, self.PSI = np.zeros((cap, K)), np.zeros((cap, K))   # per step τ: Φ(τ), Ψ(τ)
@@ -1196,7 +1234,7 @@ class TrajectoryForecast:
             setattr(self, name, np.concatenate([a, np.full_like(a, 0.0 if name in ("PHI", "PSI", "ETA") else np.nan)]))
 
     def _r(self, a: np.ndarray) -> np.ndarray:
-        return np.interp(np.log(np.clip(a, 1e-7, 1.95)), np.log(self._a_tab), self._r_tab)
+        return np.interp(np.log(np.clip(a, 1e-7, 1.95)), self._log_a_tab, self._r_tab)
 
     def _r_torch(self, a: torch.Tensor) -> torch.Tensor:
         """r(a) as a differentiable piecewise-linear interpolation in log a (1 for plain SGD)."""
@@ -1210,7 +1248,7 @@ class TrajectoryForecast:
         return rt[i - 1] + w * (rt[i] - rt[i - 1])
 
     def _G(self, a: np.ndarray) -> np.ndarray:
-        return np.interp(np.log(np.clip(a, 1e-7, 1.95)), np.log(self._a_tab), self._G_tab)
+        return np.interp(np.log(np.clip(a, 1e-7, 1.95)), self._log_a_tab, self._G_tab)
 
     def observe(self, step: int, eta: float, loss: float, hypergrad: float | None = None,
                 temperature: float | None = None) -> None:
@@ -1341,6 +1379,7 @@ class TrajectoryForecast:
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
+        self._log_a_tab = np.log(self._a_tab)        # derived (and absent from checkpoints made before it was kept)
 
 
 class _InwardClamp(torch.autograd.Function):
@@ -1510,6 +1549,11 @@ class GRAFF(Planner):
         """u and u + 1: run with m ≡ 1, so the planner measures gradients of the loss itself."""
         return self.is_update_step(step) or self.is_update_step(step - 1)
 
+    def needs_probe(self, step: int) -> bool:
+        """The entropy is read at u (the encoder's mean entropy, the kept tokens' features) and on weighted steps
+        (the features of m_{t,i}); at u + 1, and between updates when m ≡ 1, nothing reads it."""
+        return self.is_update_step(step) or (self.cfg.token_multipliers and not self.is_measurement_step(step))
+
     # -- token multipliers (forward of step t) -------------------------------------------------------------------
     def token_features(self, tokens: TokenBatch) -> torch.Tensor:
         """φ (n, K): z-scored probe entropy and centred relative position (both dimensionless), on the device."""
@@ -1551,43 +1595,50 @@ class GRAFF(Planner):
                 outer_norm = self.outer_update(ctx, b_t)
         self.pending = None
         update = self.is_update_step(t)
+        x_grads = None
         if update:                                                    # the encoder runs, h moves
-            x = self.node_features(ctx, b_t)
+            x_grads = flat_grads(self.params)                         # g_t (P,), raw: the node features and λ̂ read it
+            x = self.node_features(ctx, b_t, x_grads)
             h = self.net.encode(self.h, x, self.graph.edges, self.edge_features(x))
             h_bar = h.mean(0)
             self.h, self.h_bar = h.detach(), h_bar.detach()
             self.last.update(entropy_mean=float(x[0, 1]), h_norm=float(self.h.norm()))
             if self.m_last is not None and self.m_last.numel() > 1:   # the spread of the last weighted m_{t,i}
                 self.last["m_std"] = float(self.m_last.std())
-        self.readout_now = readout(self.h_bar, b_t, c.use_budget)
         adam = adam_view(self.params, self.optimizer) if update else None     # AdamW's state before step t
         lo, hi = self.eta_bounds()
         warmup = max(min(1.0, ctx.progress / c.warmup_fraction) if c.warmup_fraction > 0 else 1.0, MIN_MULTIPLIER)
-        # η_t = lr_init·warmup·exp(clamp(W_0·r_t)); with its graph to W and the encoder only at an update step (the
-        # greedy objective differentiates η_u), elsewhere without autograd (nothing reads that graph: a cost only).
-        with torch.set_grad_enabled(update and not c.freeze and torch.is_grad_enabled()):
-            r_t = readout(h_bar, b_t, c.use_budget) if update else self.readout_now
-            log_mult = log_lr_multiplier(r_t, self.net.W[0], c.state_bound)   # W_0·r_t, the state part in its band
-            eta = self.lr_init * warmup * torch.exp(soft_clamp(log_mult, lo, hi))
-        self.eta = float(eta.detach())
+        # η_t = lr_init·warmup·exp(clamp(W_0·r_t)), r_t = [h̄_t; b_t; log(b_t + ε_b); 1], the state part of W_0·r_t
+        # in its band.  At an update step with its graph to W and the encoder (the greedy objective differentiates
+        # η_u); elsewhere nothing reads a graph, so in plain numbers (the same formula).
+        row = self.h_bar.tolist() + budget_features(b_t, c.use_budget)                    # r_t (D+3)
+        if update and not c.freeze and torch.is_grad_enabled():
+            log_mult_t = log_lr_multiplier(readout(h_bar, b_t, c.use_budget), self.net.W[0], c.state_bound)
+            eta = self.lr_init * warmup * torch.exp(soft_clamp(log_mult_t, lo, hi))
+            log_mult, self.eta = float(log_mult_t.detach()), float(eta.detach())
+        else:
+            log_mult = log_lr_multiplier_value(row, self.net.W[0].detach().tolist(), c.state_bound)
+            self.eta = self.lr_init * warmup * math.exp(min(max(log_mult, lo), hi))
+            eta = torch.tensor(self.eta) if update else None          # (frozen: no graph to keep)
+        self.readout_now = torch.tensor(row)                   # r_t: the token multipliers' input until the next plan
         if self.forecast is not None:                                 # the run's own history, every step
             temperature = noise_temperature(adam) if update else None
             self.forecast.observe(t, self.eta, ctx.loss, temperature=temperature)
-            self.past.append(torch.cat([r_t.detach().double(), torch.tensor([warmup, lo, hi], dtype=torch.float64)]))
+            self.past.append(torch.tensor(row + [warmup, lo, hi], dtype=torch.float64))
         if update:
-            self.pending = PendingUpdate(h_bar, eta, self.readout_now.detach(), self.sample)
+            self.pending = PendingUpdate(h_bar, eta, self.readout_now, self.sample)
             if self.sample is not None:
                 self.sample.step_tokens = max(self.step_tokens, 1)
-            self.curv.before_step(self.optimizer, adam)
+            self.curv.before_step(self.optimizer, adam, grads=x_grads)
         self.sample, self.entropy_sum, self.step_tokens = None, torch.zeros(()), 0
         lam = self.curv.lam_max
         self.last.update(eta=self.eta, lambda_max=lam, lambda_raw=self.curv.lam, budget_left=b_t,
                          eta_lambda_over_edge=self.eta * lam / self.edge, regret=self.regret.value(ctx.elapsed),
-                         guard_binds=float(float(log_mult.detach()) > hi))
+                         guard_binds=float(log_mult > hi))
         if update or outer_norm is not None or "w_norm" not in self.last:    # W or h̄ moved: the decoder's log
             W0 = self.net.W[0].detach()
             self.last.update(w_budget_rho=float(W0[-3]), w_budget_kappa=float(W0[-2]), w_bias=float(W0[-1]),
-                             eta_state=float(r_t[:-3].detach() @ W0[:-3]), w_norm=float(self.net.W.detach().norm()))
+                             eta_state=float(self.readout_now[:-3] @ W0[:-3]), w_norm=float(self.net.W.detach().norm()))
         if outer_norm is not None:
             self.last["outer_grad_norm"] = outer_norm
         return self.eta
@@ -1601,14 +1652,13 @@ class GRAFF(Planner):
         self.pending, self.sample = None, None
         self.entropy_sum, self.step_tokens = torch.zeros(()), 0
 
-    def node_features(self, ctx: StepContext, b_t: float) -> torch.Tensor:
+    def node_features(self, ctx: StepContext, b_t: float, g: torch.Tensor) -> torch.Tensor:
         """x_t (N, 5): per-block stability ratio η·λ̂_i/edge, mean probe entropy H̄_t, b_t and log(b_t + ε_b), and
-        the per-block relative gradient norm (g_t in .grad)."""
+        the per-block relative gradient norm (g = g_t flat, raw)."""
         n = self.graph.n_nodes
         stability = (self.curv.eta * self.curv.lam_blocks / self.edge).clamp(-5, 5)
         ent = float(self.entropy_sum) / max(self.step_tokens, 1)                  # H̄_t in [0, 1]
         with torch.no_grad():
-            g = flat_grads(self.params)
             norms = self.curv.block_dots(g, g).sqrt()                                # ‖g_i‖ per block (N,)
         rel = torch.log(norms.clamp(min=1e-12) / norms.mean().clamp(min=1e-12)).clamp(-5, 5).cpu()
         budget = [b_t, math.log(b_t + BUDGET_EPS)] if self.cfg.use_budget else [0.0, 0.0]
@@ -1713,7 +1763,7 @@ class GRAFF(Planner):
         """c_i = ∂L_{u+1}/∂m_{u,i} = −η_u·clip_u·⟨P g_{u+1}, ∇ℓ_{u,i}(θ_u)⟩ / n_u for the kept tokens: (n_s,), by
         central differences of the per-token losses at θ_u ± δ·P g_{u+1} (two no-grad forwards of the kept
         sequences; `per_token_jvp` is the exact product the tests compare with)."""
-        direction = preconditioned_gradient(self.params, self.optimizer)
+        direction = self.curv.preconditioned_next_gradient()      # P g_{u+1}, kept by the pair (u, u+1)
         d = finite_difference_jvp(self.token_loss, self.params, self.curv.theta_t, direction, sample.batch,
                                   FD_STEPS * self.curv.eta)
         return (-self.curv.eta * self.curv.grad_scale * d / sample.step_tokens).float().cpu()[: sample.phi.shape[0]]
@@ -1746,8 +1796,8 @@ def noise_temperature(adam: AdamView | bool | None) -> float | None:
     step."""
     if not isinstance(adam, AdamView):
         return None
-    m_hat, v_hat = adam.m / (1 - adam.beta1 ** adam.k), adam.v_hat()
-    return float(((v_hat - m_hat * m_hat).clamp(min=0) / (v_hat.sqrt() + adam.eps)).sum())
+    m_hat, v_hat = adam.m / (1 - adam.beta1 ** adam.k), adam.v_hat
+    return float(((v_hat - m_hat * m_hat).clamp_(min=0) / adam.preconditioner_inverse).sum())
 
 
 @torch.no_grad()
@@ -1756,7 +1806,7 @@ def preconditioned_gradient(params: Sequence[nn.Parameter], optimizer) -> torch.
     without Adam state)."""
     adam = adam_view(params, optimizer)
     g = flat_grads(params)
-    return g / adam.preconditioner_inverse() if isinstance(adam, AdamView) else g
+    return g / adam.preconditioner_inverse if isinstance(adam, AdamView) else g
 
 
 @torch.no_grad()
@@ -1775,8 +1825,9 @@ def finite_difference_jvp(token_loss: TokenLoss, params: Sequence[nn.Parameter],
             for sign in (1.0, -1.0):
                 for p, piece in zip(params, unflat(theta + (sign * delta) * direction, params)):
                     p.copy_(piece)
-                out.append(token_loss(batch.input_ids, batch.attention_mask, batch.answer_mask,
-                                      checkpoint_head=False).double())
+                with torch.inference_mode():       # no autograd bookkeeping at all (no_grad keeps some): 10% faster
+                    out.append(token_loss(batch.input_ids, batch.attention_mask, batch.answer_mask,
+                                          checkpoint_head=False).double())
         return ((out[0] - out[1]) / (2.0 * delta)).float()
     finally:
         for p, s in zip(params, saved):

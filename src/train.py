@@ -618,11 +618,12 @@ def optimiser_step(planner, micro_batches, device, autocast, clip: float, ctx: S
     n_total = sum(mb.n_answer_tokens for mb in micro_batches)      # the loss is the mean over the whole step
     loss_sum = torch.zeros((), device=device)
     watch = Stopwatch(device)
+    probe = planner.needs_probe(ctx.step)
     for index, raw in enumerate(micro_batches):
         mb = MicroBatch(*(to_device(t, device) for t in (raw.input_ids, raw.attention_mask, raw.answer_mask)))
         targets = to_device(raw.input_ids[:, 1:][raw.answer_mask[:, 1:]], device)
         positions = to_device(answer_positions(raw.answer_mask), device)
-        with autocast():
+        with autocast(), (nullcontext() if probe else token_loss.no_probe()):
             losses = token_loss(mb.input_ids, mb.attention_mask, mb.answer_mask)    # (n,) fp32
         with watch:   # the probe and the token weights are the planner's cost
             tokens = TokenBatch(mb, targets, losses.detach(), positions, token_loss.probe_entropy(mb.answer_mask),

@@ -403,3 +403,28 @@ def test_the_budget_the_decoder_sees_runs_out_where_training_ends_not_where_b_do
     ctx = StepContext(step=4, elapsed=140.0, budget_left=0.5, progress=0.4, steps_left=60.0, loss=1.0)
     future = planner.future_budget(ctx, 0.6)
     assert float(future[0]) == 0.6 and float(future[-1]) == 0.0 and future.numel() == 60
+
+
+def test_the_probe_runs_only_where_graff_reads_it_and_eta_between_updates_is_the_decoders(make_planner):
+    """The entropy is read at u and on weighted steps, not at u + 1 (m ≡ 1 and no encoder); between updates η is
+    computed in plain numbers: it must equal the decoder's tensor formula lr_init·warmup·exp(clamp(W_0·r_t))."""
+    planner, *_ = make_planner("graff", update_every=4, warmup_fraction=0.0)
+    seen = {}                                                   # step -> whether its tokens came with the entropy
+    weigh = planner.weigh_tokens
+
+    def watch(tokens):
+        seen[tokens.step] = tokens.entropy is not None
+        return weigh(tokens)
+
+    def check(p):
+        if not p.is_update_step(max(seen)):                     # an ordinary step (or u + 1): η from numbers
+            lo, hi = p.eta_bounds()
+            r = readout(p.h_bar, float(p.last["budget_left"]))
+            log_mult = float(log_lr_multiplier(r, p.net.W[0].detach(), p.cfg.state_bound))
+            assert p.eta == pytest.approx(p.lr_init * math.exp(min(max(log_mult, lo), hi)), rel=1e-5)
+
+    planner.weigh_tokens = watch
+    run_steps(planner, 12, check=check)
+    for step, probed in seen.items():
+        assert probed == (planner.is_update_step(step) or not planner.is_measurement_step(step)), step
+    assert not seen[2] and seen[1] and seen[3]                  # u = 1 probed, u + 1 = 2 not, step 3 weighted
