@@ -288,6 +288,23 @@ def test_the_finite_difference_token_products_match_the_exact_jvp_and_restore_th
     assert torch.allclose(fd, exact, rtol=1e-2, atol=1e-3 * float(exact.abs().max()))
 
 
+def test_the_token_products_step_along_p_g_of_u_plus_1_as_adamw_holds_it_then(make_planner):
+    """The direction kept by the curvature pair (g_{u+1} and the preconditioner read after step u) is what the
+    optimiser's state gives at u+1: shared, not read twice, and not stale."""
+    planner, optimizer, lm, params = make_planner("graff", update_every=3)
+    seen = []
+    coefficients = planner.token_coefficients
+
+    def check(sample):
+        seen.append(torch.equal(planner.curv.preconditioned_next_gradient(),
+                                preconditioned_gradient(params, optimizer)))
+        return coefficients(sample)
+
+    planner.token_coefficients = check
+    run_steps(planner, 9)
+    assert len(seen) >= 2 and all(seen)
+
+
 def test_the_token_rows_learn_from_the_one_step_signal(make_planner):
     planner, *_ = make_planner("graff", update_every=2, token_sequences=4)
     planner.forecast = StubForecast(floor=0.0)
