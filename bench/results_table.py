@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -23,6 +26,7 @@ from src import evaluate as ev  # noqa: E402  (after the path: the bench scripts
 
 FORMAT = "graff-compact-record/1"
 EM = "em_at_budget"          # the compared EM: the final evaluation's, at B (src.evaluate.COMPARED)
+FRACTIONS = (0.10, 0.50, 0.85, 0.99)   # of the budget spent, where η is read: early, middle, decay, the end
 
 
 class TableError(Exception):
@@ -93,15 +97,33 @@ def logged_mean(record: dict, column: str) -> float | None:
     return mean([row[i] for row in history.get("rows", [])])
 
 
+def lr_at_fractions(record: dict) -> list[float] | None:
+    """The logged η where FRACTIONS of the budget are spent, interpolated linearly in the budget left between the
+    record's logged rows (a schedule's shape in four numbers); None without those columns."""
+    history = record.get("train_history") or {}
+    columns = history.get("columns", [])
+    if ev.LR not in columns or ev.BUDGET_LEFT not in columns:
+        return None
+    i, j = columns.index(ev.BUDGET_LEFT), columns.index(ev.LR)
+    rows = sorted((row[i], row[j]) for row in history.get("rows", []) if row[i] is not None and row[j] is not None)
+    if not rows:
+        return None
+    left, lr = zip(*rows)
+    return [float(np.interp(1.0 - f, left, lr)) for f in FRACTIONS]
+
+
 def build_table(records: list[dict], reference_arm: str | None = None) -> str:
     """The tables; the paired comparison is against the best proposed arm, or against `reference_arm` (a method
     token, e.g. an ablation, to compare it with the baselines)."""
     arms: dict[str, dict[int, dict]] = {}
     planner: dict[str, str] = {}
     mean_lr: dict[str, list] = {}
+    lr_shape: dict[str, list] = {}
     for record in records:
         arms.setdefault(record["arm"], {})[int(record["seed"])] = record["summary"]
         mean_lr.setdefault(record["arm"], []).append(logged_mean(record, ev.LR))
+        if (shape := lr_at_fractions(record)) is not None:
+            lr_shape.setdefault(record["arm"], []).append(shape)
         planner[record["arm"]] = ((record.get("config") or {}).get("scheduler") or {}).get("type") or "–"
     order = sorted(arms, key=arm_order)
     arms = {a: arms[a] for a in order}
@@ -124,15 +146,19 @@ def build_table(records: list[dict], reference_arm: str | None = None) -> str:
     run = f"run (`<token>{suffix}`)" if suffix else "run"
     em_label, loss_label = what_was_measured([s for seeds in arms.values() for s in seeds.values()])
     lines = [f"| {run} | planner | EM at B per seed (%) | mean [95% CI] | loss at B, mean [95% CI] "
-             f"| optimiser steps, mean | mean η (logged), mean | planner time share |", "|---|---|---|---|---|---|---|---|"]
+             f"| optimiser steps, mean | mean η (logged), mean | planner time share "
+             f"| η (logged) at {', '.join(f'{100 * f:.0f}' for f in FRACTIONS)}% of B, median over seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm in order:
         t = tables[arm]
         per_seed = ", ".join(fmt(row[EM]) for row in t["seeds"].values())
         share = mean([row["planner_time_fraction"] for row in t["seeds"].values()])
         steps = mean([row["steps"] for row in t["seeds"].values()])
+        shape = ", ".join(f"{statistics.median(column):.1e}" for column in zip(*lr_shape[arm])) \
+            if arm in lr_shape else "–"
         lines.append(f"| {label[arm]} | {planner[arm]} | {per_seed} | {interval(t[EM])} "
                      f"| {interval(t['loss'], '{:.4g}')} | {fmt(steps, '{:.0f}')} | {fmt(mean(mean_lr[arm]), '{:.3g}')} "
-                     f"| {fmt(share if share is None else 100 * share, '{:.1f}%')} |")
+                     f"| {fmt(share if share is None else 100 * share, '{:.1f}%')} | {shape} |")
     if reference is None:
         lines += ["", "No proposed arm (run id containing 'proposed') with an EM at B: no paired comparison."]
     else:

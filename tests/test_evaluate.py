@@ -535,6 +535,24 @@ def test_the_results_table_compares_against_a_named_reference_arm(tmp_path, caps
     assert "no such arm" in capsys.readouterr().err
 
 
+def test_the_results_table_reads_each_arms_eta_at_fractions_of_the_budget(tmp_path, capsys):
+    """η where 10/50/85/99% of B are spent, interpolated in the budget left, the median over seeds (not the mean)."""
+    export, table = bench_module("export_record"), bench_module("results_table")
+    for rid, rec in three_seed_runs().items():
+        scale = {"proposed-s": 1.0, "proposed-s-seed1": 2.0, "proposed-s-seed2": 10.0}.get(rid, 1.0)
+        rec.history = [{"_step": s, ev.LOSS: 1.0 / (s + 1), ev.LR: scale * 1e-3 * (1 - s / 100), ev.ELAPSED: 3.0 * s,
+                        ev.BUDGET_LEFT: 1 - s / 100} for s in range(0, 101, 3)]       # logged every 3rd step
+        rec.config = {"training": {"scheduler": {"type": "graff" if "proposed" in rid else "cosine"}}}
+        (tmp_path / f"{rid}.json").write_text(export.dumps(export.compact_record(rec)))
+    assert table.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("| η (logged) at 10, 50, 85, 99% of B, median over seeds |" in line for line in lines)
+    [proposed] = [line for line in lines if line.startswith("| proposed | graff |")]
+    assert proposed.endswith("| 1.8e-03, 1.0e-03, 3.0e-04, 2.0e-05 |")      # 2e-3·b, the middle seed's
+    [baseline] = [line for line in lines if line.startswith("| comparative-1 | cosine |")]
+    assert baseline.endswith("| 9.0e-04, 5.0e-04, 1.5e-04, 1.0e-05 |")
+
+
 def test_the_results_table_refuses_what_is_not_a_record(tmp_path, capsys):
     table = bench_module("results_table")
     assert table.main([str(tmp_path)]) == 2                                 # empty folder
