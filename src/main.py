@@ -1056,8 +1056,9 @@ def claim_final_run(url: str, name: str) -> str | None:
     The claim is a study named '<study>:final-run:<k>' in the same database.  A study name is unique there, so of
     several workers creating it at once exactly one succeeds, on SQLite and on a server alike; its user attribute
     `worker` names the owner.  The owner keeps the claim while it lives.  A claim of this same process (a re-run in
-    it) stays valid; one of a dead process of this host (killed during the final run) passes, atomically again, to
-    whoever creates claim k+1, and that final run resumes from its checkpoint (or says it already finished).  A
+    it) stays valid; a claim whose final run finished (user attribute `done`, set by `mark_final_run_done`) stays
+    with its owner, dead or alive; one of a dead process of this host that did not finish (killed during the final
+    run) passes, atomically again, to whoever creates claim k+1, and that final run resumes from its checkpoint.  A
     worker on another host is taken to be alive."""
     import optuna
     storage = optuna.storages.RDBStorage(url)
@@ -1067,11 +1068,27 @@ def claim_final_run(url: str, name: str) -> str | None:
             optuna.create_study(study_name=marker, storage=storage).set_user_attr("worker", WORKER)
             return None
         except optuna.exceptions.DuplicatedStudyError:
-            owner = optuna.load_study(study_name=marker, storage=storage).user_attrs.get("worker")
+            attrs = optuna.load_study(study_name=marker, storage=storage).user_attrs
+        owner = attrs.get("worker")
         if owner == WORKER:
             return None
-        if owner is None or _worker_alive(owner):
+        if attrs.get("done") or owner is None or _worker_alive(owner):
             return owner or "another worker (starting)"
+
+
+def mark_final_run_done(url: str, name: str) -> None:
+    """Record on this worker's claim that the study's final run finished, so that a worker reaching the end of the
+    search after this one has exited does not take the claim of a dead process as an unfinished final run."""
+    import optuna
+    storage = optuna.storages.RDBStorage(url)
+    for k in itertools.count():
+        try:
+            claim = optuna.load_study(study_name=f"{name}:final-run:{k}", storage=storage)
+        except KeyError:                  # no claim k: this worker holds none (it ran the final run without one)
+            return
+        if claim.user_attrs.get("worker") == WORKER:
+            claim.set_user_attr("done", True)
+            return
 
 
 def _worker_alive(owner: str) -> bool:
@@ -1117,13 +1134,17 @@ def run(argv: list[str]) -> int:
     warm = prepare_warm_start(cfg)
     if warm:
         cfg.training.scheduler.warm_start_ckpt = warm["warm_start/checkpoint"]
-    search_info = {}
+    search_info, study = {}, None
     if cfg.optuna.n_trials > 0:
+        study = storage_url(cfg), cfg.optuna.study_name or cfg.run_id
         cfg, search_info = run_search(cfg)
         if cfg is None:
             return 0
     outcome = train(cfg, search_info={**warm, **search_info})
-    return 0 if outcome.status in ("finished", "already_finished") else 1
+    finished = outcome.status in ("finished", "already_finished")
+    if finished and study:
+        mark_final_run_done(*study)
+    return 0 if finished else 1
 
 
 def main() -> None:

@@ -371,6 +371,24 @@ def test_workers_started_at_the_same_instant_share_a_new_sqlite_study(tmp_path):
     assert len({c["pid"] for c in trial_calls}) == 4                         # every worker ran trials
 
 
+def test_a_finished_final_run_is_not_run_again_by_a_worker_that_arrives_after_its_owner_exited(tmp_path,
+                                                                                                monkeypatch):
+    """A worker still waiting for a trial when the owner of the final run finished it and exited (seen on a 2-core
+    CI machine: two final runs) leaves it done; one whose owner was killed during it takes it over."""
+    import socket
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = f"{socket.gethostname()}:{gone.pid}"
+    monkeypatch.setattr(entry, "WORKER", dead)
+    assert entry.claim_final_run(url, "a") is None and entry.claim_final_run(url, "b") is None
+    entry.mark_final_run_done(url, "a")                         # a's final run finished; b's owner was killed
+    monkeypatch.setattr(entry, "WORKER", f"{socket.gethostname()}:{os.getpid()}")
+    assert entry.claim_final_run(url, "a") == dead              # done: no second final run
+    assert entry.claim_final_run(url, "b") is None              # unfinished: this worker takes it over
+    assert entry.claim_final_run(url, "b") is None              # and keeps it on a re-run in this process
+
+
 @pytest.mark.slow
 def test_a_killed_search_resumes_and_runs_only_the_missing_trials(tmp_path):
     """SIGKILL during trial 2 of 3; the re-run waits for trial 2's heartbeat to stop (4 heartbeats of 1 s), runs it
