@@ -1466,7 +1466,8 @@ class GRAFF(Planner):
                                  span=remaining only the budget left, from the run's current state
              objective=greedy    the next step's loss (∂L_{u+1}/∂η_u = −⟨g_{u+1}, u_u⟩ through η_u's graph): the
                                  one-step hypergradient, kept as the ablation `ablation-greedy`
-           plus, for the token rows, −η_u⟨P g_{u+1}, ∇ℓ_{u,i}⟩ by central differences on the kept sequences.
+           plus, for the token rows, −η_u⟨P g_{u+1}, ∇ℓ_{u,i}⟩ by central differences on the kept sequences (at
+           every `token_every`-th update: between them W_{1:K} gets no gradient).
     h_t is a plain tensor carried across steps (never a parameter); its gradient is truncated at one update.
     With `freeze` W and the encoder never change (the guard still clamps η); with `token_multipliers: false`
     m ≡ 1 at every step and W_{1:K} is neither used nor trained (the ablation `ablation-uniform`)."""
@@ -1545,6 +1546,12 @@ class GRAFF(Planner):
         """Update steps u = 1, 1 + k, 1 + 2k, ... (step 0 has no optimiser momentum to measure with)."""
         return step >= 1 and (step - 1) % self.cfg.update_every == 0
 
+    def is_token_update(self, step: int) -> bool:
+        """An update step whose kept sequences give the token products: every `token_every`-th update (u = 1, then
+        1 + token_every·k, ...), and only where something learns from them."""
+        return (self.is_update_step(step) and (step - 1) // self.cfg.update_every % self.cfg.token_every == 0
+                and not self.cfg.freeze and self.cfg.token_sequences > 0)
+
     def is_measurement_step(self, step: int) -> bool:
         """u and u + 1: run with m ≡ 1, so the planner measures gradients of the loss itself."""
         return self.is_update_step(step) or self.is_update_step(step - 1)
@@ -1568,7 +1575,7 @@ class GRAFF(Planner):
         if not self.cfg.token_multipliers:                             # ablation (e): m ≡ 1 at every step
             return None
         if self.is_measurement_step(tokens.step):
-            if tokens.index == 0 and self.is_update_step(tokens.step) and not self.cfg.freeze:
+            if tokens.index == 0 and self.is_token_update(tokens.step):
                 phi = self.token_features(tokens)
                 keep = min(self.cfg.token_sequences, tokens.batch.input_ids.shape[0])
                 sub = tokens.batch.select(slice(0, keep))

@@ -314,6 +314,18 @@ def test_the_token_rows_learn_from_the_one_step_signal(make_planner):
     assert not torch.equal(planner.net.W[1:].detach(), w_tok)
 
 
+@pytest.mark.parametrize("token_every, measured_at", [(1, [2, 4, 6, 8, 10, 12, 14]), (3, [2, 8, 14])])
+def test_token_every_measures_the_token_products_at_every_nth_update_only(make_planner, token_every, measured_at):
+    """Updates at u = 1, 3, 5, ... (k = 2), the products at u + 1 of every token_every-th one: their two forwards
+    are the cost that token_every divides."""
+    planner, *_ = make_planner("graff", update_every=2, token_every=token_every)
+    planner.forecast = StubForecast(floor=0.0)
+    counts = []
+    run_steps(planner, 15, check=lambda p: counts.append(p.activity["token_gradient"]))
+    assert [t for t in range(1, 15) if counts[t] > counts[t - 1]] == measured_at
+    assert planner.activity["curvature"] == 7              # the other measurements still run at every update
+
+
 def test_frozen_w_never_changes_while_the_model_trains(make_planner):
     planner, optimizer, lm, params = make_planner("graff", freeze=True, update_every=2)
     w0 = {n: p.detach().clone() for n, p in planner.net.named_parameters()}
