@@ -3,6 +3,7 @@
     uv run python bench/export_record.py results/bench/time bench/results/embedded/time   # embedded_benchmark.py does this
     uv run python bench/results_table.py bench/results/embedded/time
     uv run python bench/results_table.py --reference ablation-uniform bench/results/embedded/time   # Δ vs that arm
+    uv run python bench/results_table.py --seeds 1-5 bench/results/embedded/time   # only those seeds' records
     uv run python bench/results_table.py --tuning bench/results/embedded/tuning.json   # the tuning trials
 
 The records (one JSON per run and seed, written by bench/export_record.py and committed to git) are the only
@@ -51,6 +52,22 @@ def read_records(records_dir: Path) -> list[dict]:
     if not records:
         raise TableError(f"no compact record (*.json) in {records_dir}")
     return records
+
+
+def select_seeds(records: list[dict], text: str) -> list[dict]:
+    """Only the records of the seeds `text` names ("1-5", "1,3,7" or both): a table of a protocol's seeds from a
+    folder that holds more."""
+    wanted: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            wanted.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise TableError(f"--seeds {text}: give the seeds as a range or a list, e.g. 1-5 or 1,3,7") from None
+    kept = [r for r in records if r.get("seed") in wanted]
+    if not kept:
+        raise TableError(f"--seeds {text}: no record of those seeds")
+    return kept
 
 
 def arm_order(arm: str) -> tuple:
@@ -212,12 +229,16 @@ def main(argv: list[str]) -> int:
         if len(argv) == 2 and argv[0] == "--tuning":
             print(tuning_table(Path(argv[1])), end="")
             return 0
-        reference = None
-        if len(argv) == 3 and argv[0] == "--reference":
-            reference, argv = argv[1], argv[2:]
-        if len(argv) != 1:
-            raise TableError("usage: bench/results_table.py [--reference ARM] <records_dir> | --tuning <tuning.json>")
-        print(build_table(read_records(Path(argv[0])), reference), end="")
+        options, rest = {}, list(argv)
+        while len(rest) > 2 and rest[0] in ("--reference", "--seeds") and rest[0] not in options:
+            options[rest[0]], rest = rest[1], rest[2:]
+        if len(rest) != 1:
+            raise TableError("usage: bench/results_table.py [--reference ARM] [--seeds 1-5] <records_dir> | "
+                             "--tuning <tuning.json>")
+        records = read_records(Path(rest[0]))
+        if "--seeds" in options:
+            records = select_seeds(records, options["--seeds"])
+        print(build_table(records, options.get("--reference")), end="")
     except TableError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

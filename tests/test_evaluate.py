@@ -553,6 +553,25 @@ def test_the_results_table_reads_each_arms_eta_at_fractions_of_the_budget(tmp_pa
     assert baseline.endswith("| 9.0e-04, 5.0e-04, 1.5e-04, 1.0e-05 |")
 
 
+def test_the_results_table_keeps_only_the_seeds_asked_for(tmp_path, capsys):
+    """--seeds: the table of a protocol's seeds from a folder that holds more (later seeds added to it)."""
+    export, table = bench_module("export_record"), bench_module("results_table")
+    for rid, rec in three_seed_runs().items():
+        rec.config = {"training": {"scheduler": {"type": "graff" if "proposed" in rid else "cosine"}}}
+        (tmp_path / f"{rid}.json").write_text(export.dumps(export.compact_record(rec)))
+    assert table.main(["--seeds", "1-2", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("| proposed | graff | 50.0, 52.0 | 51.0 [") for line in lines)
+    assert any(line.startswith("| comparative-1 | 2 |") for line in lines)
+    assert any(line.startswith("| comparative-2 | 1 |") for line in lines)
+    assert table.main(["--reference", "comparative-1", "--seeds", "0,2", str(tmp_path)]) == 0
+    assert any(line.startswith("| proposed | 2 |") for line in capsys.readouterr().out.splitlines())
+    assert table.main(["--seeds", "7-9", str(tmp_path)]) == 2
+    assert table.main(["--seeds", "one", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "no record of those seeds" in err[0] and "give the seeds as a range or a list" in err[1]
+
+
 def test_the_results_table_refuses_what_is_not_a_record(tmp_path, capsys):
     table = bench_module("results_table")
     assert table.main([str(tmp_path)]) == 2                                 # empty folder
