@@ -31,6 +31,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from results_table import parse_seeds    # the seed grammar the table's --seeds reads too
+
 REPO = Path(__file__).resolve().parent.parent
 RECORDS = REPO / "bench" / "results" / "embedded"
 # The table's arms, chosen so that 5 seeds fit about 3 hours of the 2-core machine at the preset's 5-minute budget
@@ -41,11 +43,6 @@ MORE_ARMS = ["ablation-uniform", "ablation-frozenw", "ablation-noedges", "ablati
              "comparative-2", "comparative-3", "comparative-5", "comparative-8"]   # --arms all adds these
 TUNING_SEED = 100
 SUFFIX = "-iter1-tiny-synthetic"
-
-
-def seeds(text: str) -> list[int]:
-    lo, _, hi = text.partition("-")
-    return list(range(int(lo), int(hi or lo) + 1))
 
 
 def uv_python(*args: str, log: Path) -> int:
@@ -139,13 +136,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("phase", choices=["tune", "apply", "eval", "steps"])
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated method tokens, or 'all'")
-    parser.add_argument("--seeds", default="1-5")
+    parser.add_argument("--seeds", type=parse_seeds, default="1-5", help="a range or a list: 1-5, 6-8, 1,3")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--budget-steps", type=int, default=600)
     parser.add_argument("--results", type=Path, default=REPO / "results" / "bench")
     args = parser.parse_args()
     args.arms = ARMS + MORE_ARMS if args.arms == "all" else args.arms.split(",")
-    args.seeds = seeds(args.seeds)
     if args.phase == "tune":
         tune(args)
     elif args.phase == "apply":

@@ -54,14 +54,23 @@ def read_records(records_dir: Path) -> list[dict]:
     return records
 
 
+def parse_seeds(text: str) -> list[int]:
+    """The seeds `text` names: a range, a list or both ("1-5", "1,3,7", "1-3,7"); ValueError if it names none.
+    bench/embedded_benchmark.py reads its --seeds with it too."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        seeds += [s for s in range(int(lo), int(hi or lo) + 1) if s not in seeds]
+    if not seeds:
+        raise ValueError(f"{text} names no seed")
+    return seeds
+
+
 def select_seeds(records: list[dict], text: str) -> list[dict]:
-    """Only the records of the seeds `text` names ("1-5", "1,3,7" or both): a table of a protocol's seeds from a
-    folder that holds more."""
-    wanted: set[int] = set()
+    """Only the records of the seeds `text` names (`parse_seeds`): a table of a protocol's seeds from a folder that
+    holds more."""
     try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            wanted.update(range(int(lo), int(hi or lo) + 1))
+        wanted = set(parse_seeds(text))
     except ValueError:
         raise TableError(f"--seeds {text}: give the seeds as a range or a list, e.g. 1-5 or 1,3,7") from None
     kept = [r for r in records if r.get("seed") in wanted]

@@ -1137,16 +1137,16 @@ def run(argv: list[str]) -> int:
     warm = prepare_warm_start(cfg)
     if warm:
         cfg.training.scheduler.warm_start_ckpt = warm["warm_start/checkpoint"]
-    search_info, study = {}, None
+    search_info, study_at = {}, None         # the search's storage URL and study name
     if cfg.optuna.n_trials > 0:
-        study = storage_url(cfg), cfg.optuna.study_name or cfg.run_id
+        study_at = storage_url(cfg), cfg.optuna.study_name or cfg.run_id
         cfg, search_info = run_search(cfg)
         if cfg is None:
             return 0
     outcome = train(cfg, search_info={**warm, **search_info})
     finished = outcome.status in ("finished", "already_finished")
-    if finished and study:
-        mark_final_run_done(*study)
+    if finished and study_at:
+        mark_final_run_done(*study_at)
     return 0 if finished else 1
 
 

@@ -479,13 +479,22 @@ def test_export_refuses_bad_arguments_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def three_seed_record_files(tmp_path, edit=None):
+    """three_seed_runs() written to tmp_path as compact records (GRAFF for the proposed arm, cosine for the others),
+    each run changed by `edit(run_id, record)` first; returns bench/results_table.py as a module."""
+    export = bench_module("export_record")
+    for rid, rec in three_seed_runs().items():
+        if edit is not None:
+            edit(rid, rec)
+        rec.config = {"training": {"scheduler": {"type": "graff" if "proposed" in rid else "cosine"}}}
+        (tmp_path / f"{rid}.json").write_text(export.dumps(export.compact_record(rec)))
+    return bench_module("results_table")
+
+
 def test_the_results_table_is_rebuilt_from_compact_records_alone(tmp_path, capsys):
     from scipy import stats
     from statsmodels.stats.multitest import multipletests
-    export, table = bench_module("export_record"), bench_module("results_table")
-    for rid, rec in three_seed_runs().items():
-        rec.config = {"training": {"scheduler": {"type": "graff" if "proposed" in rid else "cosine"}}}
-        (tmp_path / f"{rid}.json").write_text(export.dumps(export.compact_record(rec)))
+    table = three_seed_record_files(tmp_path)
     assert table.main([str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
@@ -506,12 +515,8 @@ def test_the_results_table_is_rebuilt_from_compact_records_alone(tmp_path, capsy
 
 def test_the_results_table_compares_a_step_matched_control_on_its_em_at_b(tmp_path, capsys):
     """A step budget has no 30-min mark (no primary value), but the control is compared on its EM at B."""
-    export, table = bench_module("export_record"), bench_module("results_table")
-    for rid, rec in three_seed_runs().items():
-        rec.summary.update({"budget/unit": "steps", ev.BUDGET_STEPS: 600, ev.EVAL_SPLIT: "test",
-                            ev.EVAL_N_PROBLEMS: 100})
-        rec.config = {"training": {"scheduler": {"type": "graff" if "proposed" in rid else "cosine"}}}
-        (tmp_path / f"{rid}.json").write_text(export.dumps(export.compact_record(rec)))
+    table = three_seed_record_files(tmp_path, lambda rid, rec: rec.summary.update(
+        {"budget/unit": "steps", ev.BUDGET_STEPS: 600, ev.EVAL_SPLIT: "test", ev.EVAL_N_PROBLEMS: 100}))
     assert table.main([str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("| proposed | graff | 60.0, 50.0, 52.0 | 54.0 [") for line in lines)
@@ -522,10 +527,7 @@ def test_the_results_table_compares_a_step_matched_control_on_its_em_at_b(tmp_pa
 
 def test_the_results_table_compares_against_a_named_reference_arm(tmp_path, capsys):
     """--reference ARM: the paired table is ARM minus every other arm (an ablation against the baselines)."""
-    export, table = bench_module("export_record"), bench_module("results_table")
-    for rid, rec in three_seed_runs().items():
-        rec.config = {"training": {"scheduler": {"type": "graff" if "proposed" in rid else "cosine"}}}
-        (tmp_path / f"{rid}.json").write_text(export.dumps(export.compact_record(rec)))
+    table = three_seed_record_files(tmp_path)
     assert table.main(["--reference", "comparative-1", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("| vs comparative-1 (Δ = comparative-1 − run") for line in lines)
@@ -537,13 +539,12 @@ def test_the_results_table_compares_against_a_named_reference_arm(tmp_path, caps
 
 def test_the_results_table_reads_each_arms_eta_at_fractions_of_the_budget(tmp_path, capsys):
     """η where 10/50/85/99% of B are spent, interpolated in the budget left, the median over seeds (not the mean)."""
-    export, table = bench_module("export_record"), bench_module("results_table")
-    for rid, rec in three_seed_runs().items():
+    def decaying_lr(rid, rec):
         scale = {"proposed-s": 1.0, "proposed-s-seed1": 2.0, "proposed-s-seed2": 10.0}.get(rid, 1.0)
         rec.history = [{"_step": s, ev.LOSS: 1.0 / (s + 1), ev.LR: scale * 1e-3 * (1 - s / 100), ev.ELAPSED: 3.0 * s,
                         ev.BUDGET_LEFT: 1 - s / 100} for s in range(0, 101, 3)]       # logged every 3rd step
-        rec.config = {"training": {"scheduler": {"type": "graff" if "proposed" in rid else "cosine"}}}
-        (tmp_path / f"{rid}.json").write_text(export.dumps(export.compact_record(rec)))
+
+    table = three_seed_record_files(tmp_path, decaying_lr)
     assert table.main([str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any("| η (logged) at 10, 50, 85, 99% of B, median over seeds |" in line for line in lines)
@@ -555,10 +556,7 @@ def test_the_results_table_reads_each_arms_eta_at_fractions_of_the_budget(tmp_pa
 
 def test_the_results_table_keeps_only_the_seeds_asked_for(tmp_path, capsys):
     """--seeds: the table of a protocol's seeds from a folder that holds more (later seeds added to it)."""
-    export, table = bench_module("export_record"), bench_module("results_table")
-    for rid, rec in three_seed_runs().items():
-        rec.config = {"training": {"scheduler": {"type": "graff" if "proposed" in rid else "cosine"}}}
-        (tmp_path / f"{rid}.json").write_text(export.dumps(export.compact_record(rec)))
+    table = three_seed_record_files(tmp_path)
     assert table.main(["--seeds", "1-2", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("| proposed | graff | 50.0, 52.0 | 51.0 [") for line in lines)
