@@ -220,8 +220,9 @@ class GraffConfig:               # proposed, its ablations and its pre-training 
     # them every update_every steps: the multipliers' whole cost beyond the probe)
     token_sequences: int = rule(1, lambda v: v >= 0, "must be ≥ 0 (0 = no token-multiplier gradient)")
     # the token products are measured at every token_every-th update only (1: every update): their two forwards
-    # are a third of the planner's cost on the embedded model; between them W_{1:K} gets no gradient
-    token_every: int = rule(1, lambda v: v >= 1, "must be ≥ 1 (1 = the token products at every update)")
+    # are a third of the planner's cost on the embedded model, so every second update keeps the planner within 2%
+    # of a step; between them W_{1:K} gets no gradient
+    token_every: int = rule(2, lambda v: v >= 1, "must be ≥ 1 (1 = the token products at every update)")
     # |log m_{t,i}| ≤ token_bound before normalising: how far one token's weight may move from the others'
     token_bound: float = rule(0.5, lambda v: v > 0, "must be > 0 (a bound on |log m|; token_multipliers: false "
                                                    "for m ≡ 1)")

@@ -306,7 +306,7 @@ def test_the_token_products_step_along_p_g_of_u_plus_1_as_adamw_holds_it_then(ma
 
 
 def test_the_token_rows_learn_from_the_one_step_signal(make_planner):
-    planner, *_ = make_planner("graff", update_every=2, token_sequences=4)
+    planner, *_ = make_planner("graff", update_every=2, token_sequences=4, token_every=1)
     planner.forecast = StubForecast(floor=0.0)
     w_tok = planner.net.W[1:].detach().clone()
     run_steps(planner, 8)
