@@ -8,7 +8,8 @@ Builds the run's model and data exactly as training does (src.main composes the 
 on the same batches for every planner.  Before any of them, `--warmup` steps with fixed LR warm the device up
 (on a GPU, the first planner's steps were twice as slow without this).  With GRAFF among the planners it also
 times GRAFF with the greedy objective, with the token products on 4 sequences (the version before session 9), with
-them at every second update only (token_every=2) and without token multipliers (m ≡ 1), unless `--no-variants`.
+them at every update (token_every=1, the version before session 15) and without token multipliers (m ≡ 1), unless
+`--no-variants`.
 GRAFF's planner work is periodic (every `update_every` steps): use `--steps` of several periods to average it; its
 rows also give the planner's median milliseconds by position in the cycle (the update step u, u+1, the others).
 "planner share" is the time inside the planner's calls (the first-layer probe, token weights, plan, after_step),
@@ -89,7 +90,7 @@ def main():
     bench = setup(args.run, args.overrides)
     variants = [("graff", "graff (objective=greedy)", {"objective": "greedy"}),
                 ("graff", "graff (token_sequences=4)", {"token_sequences": 4}),
-                ("graff", "graff (token_every=2)", {"token_every": 2}),
+                ("graff", "graff (token_every=1)", {"token_every": 1}),
                 ("graff", "graff (m ≡ 1)", {"token_multipliers": False})] \
         if "graff" in args.planners and not args.no_variants else []
     rows = measure(bench, args.planners.split(","), args.steps, args.warmup, variants)
